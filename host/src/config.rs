@@ -1,0 +1,764 @@
+//! The configuration file (TOML): what the user writes, with defaults and a
+//! `validate()` that reports every problem with the field it concerns.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Kinesis refuses records larger than this, counting data plus partition key.
+pub const KINESIS_MAX_RECORD_BYTES: u32 = 1024 * 1024;
+/// Kinesis stream names are 1 to 128 characters.
+const STREAM_NAME_MAX_CHARS: usize = 128;
+/// STS accepts external IDs of 2 to 1224 characters.
+const EXTERNAL_ID_CHARS: std::ops::RangeInclusive<usize> = 2..=1224;
+/// IAM role names are 1 to 64 characters.
+const ROLE_NAME_MAX_CHARS: usize = 64;
+
+/// The whole configuration of one ksm host.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// MQTT broker connection.
+    pub mqtt: MqttConfig,
+    /// Admin HTTP API.
+    pub admin: AdminConfig,
+    /// The smart-module component every module runs.
+    pub component: ComponentConfig,
+    /// Where ksm keeps data on disk (dead letters).
+    pub storage: StorageConfig,
+    /// How records are batched and retried on their way to Kinesis.
+    pub kinesis: KinesisConfig,
+    /// Device registry: home and class of known devices.
+    pub devices: Vec<DeviceConfig>,
+    /// The smart modules, each forwarding to one Kinesis stream.
+    pub modules: Vec<ModuleConfig>,
+}
+
+/// MQTT broker connection settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct MqttConfig {
+    /// Broker URL, `mqtt://HOST:PORT` (port defaults to 1883).
+    pub url: String,
+    /// Client ID. Fixed, so the broker keeps the session (and the messages
+    /// that arrive while ksm is down) across restarts.
+    pub client_id: String,
+    /// User name, if the broker requires one.
+    pub username: Option<String>,
+    /// Password, if the broker requires one.
+    pub password: Option<String>,
+    /// Keep-alive interval, seconds.
+    pub keep_alive_secs: u64,
+    /// How long the broker keeps the session while ksm is disconnected, seconds.
+    pub session_expiry_secs: u32,
+    /// Unacknowledged QoS 1 messages the broker may have in flight to ksm
+    /// (MQTT 5 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Largest MQTT packet accepted, bytes.
+    pub max_packet_bytes: u32,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            client_id: "ksm".to_owned(),
+            username: None,
+            password: None,
+            keep_alive_secs: 30,
+            session_expiry_secs: 7 * 24 * 3600,
+            receive_maximum: 1000,
+            max_packet_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Admin HTTP API settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    /// Address the admin API listens on.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8686)),
+        }
+    }
+}
+
+/// Which WebAssembly component holds the module logic, and its sandbox limits.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ComponentConfig {
+    /// Path of the `.wasm` component (relative to the working directory).
+    pub path: PathBuf,
+    /// Longest a single guest call may run before it is interrupted, milliseconds.
+    pub call_timeout_ms: u64,
+    /// Most linear memory one guest instance may use, MiB.
+    pub max_memory_mib: u32,
+}
+
+impl Default for ComponentConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            call_timeout_ms: 50,
+            max_memory_mib: 64,
+        }
+    }
+}
+
+/// On-disk storage settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// Directory for dead letters, one subdirectory per module.
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("ksm-data"),
+        }
+    }
+}
+
+/// Batching and retry settings for PutRecords.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct KinesisConfig {
+    /// How long a batch waits for more records before it is sent, milliseconds.
+    pub linger_ms: u64,
+    /// First retry delay after a failure, milliseconds (doubles per attempt, with jitter).
+    pub retry_base_ms: u64,
+    /// Longest retry delay, milliseconds.
+    pub retry_max_ms: u64,
+    /// Timeout of one PutRecords attempt, milliseconds.
+    pub request_timeout_ms: u64,
+    /// Records waiting per module before ksm stops taking new messages.
+    pub queue_capacity: usize,
+}
+
+impl Default for KinesisConfig {
+    fn default() -> Self {
+        Self {
+            linger_ms: 20,
+            retry_base_ms: 100,
+            retry_max_ms: 10_000,
+            request_timeout_ms: 10_000,
+            queue_capacity: 10_000,
+        }
+    }
+}
+
+/// One entry of the device registry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DeviceConfig {
+    /// Device ID, as in `/devices/{id}/...` topics.
+    pub id: u64,
+    /// Home the device belongs to (`homeId` of its events).
+    pub home_id: u64,
+    /// Device class (`originDeviceClass` of its events).
+    pub class: Option<String>,
+}
+
+/// One smart module: which data goes to which Kinesis stream, and how.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ModuleConfig {
+    /// Module ID: 3+ characters, lowercase letters and digits, `-` and `_`
+    /// allowed after the first.
+    pub id: String,
+    /// Free text for people.
+    pub description: String,
+    /// Event types to forward; `*` forwards all.
+    pub subscribe_events: Vec<String>,
+    /// Bulk data label to forward (`/devices/{id}/bulkData/{label}`).
+    pub bulk_data_label: Option<String>,
+    /// IAM role to assume for writing to the stream; absent: the default
+    /// credential chain.
+    pub role_arn: Option<String>,
+    /// External ID to pass when assuming `role_arn`.
+    pub external_id: Option<String>,
+    /// AWS region of the stream.
+    pub region: String,
+    /// Kinesis stream name.
+    pub stream_name: String,
+    /// Use a fresh UUIDv4 as every record's partition key.
+    pub use_uuid: bool,
+    /// Largest record, data plus partition key, bytes (at most 1 MiB).
+    pub max_record_size: u32,
+}
+
+impl Default for ModuleConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            description: String::new(),
+            subscribe_events: Vec::new(),
+            bulk_data_label: None,
+            role_arn: None,
+            external_id: None,
+            region: String::new(),
+            stream_name: String::new(),
+            use_uuid: false,
+            max_record_size: KINESIS_MAX_RECORD_BYTES,
+        }
+    }
+}
+
+/// One thing wrong with a configuration, and the field it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the field, e.g. `modules[0].role_arn`.
+    pub field: String,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or a value has the wrong type.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// The file parsed but has problems.
+    #[error("{} problem(s) in {path}:\n{}", problems.len(), list(problems))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut unknown = Vec::new();
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let config: Config = serde_ignored::deserialize(deserializer, |key| {
+            unknown.push(Problem {
+                field: field_path(&key),
+                message: "unknown key".to_owned(),
+            })
+        })
+        .map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut problems = unknown;
+        problems.extend(config.validate());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Returns every problem in the configuration; empty when it is usable.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut report = |field: String, message: String| problems.push(Problem { field, message });
+
+        if let Err(message) = broker_address(&self.mqtt.url) {
+            report("mqtt.url".into(), message);
+        }
+        if self.mqtt.client_id.is_empty() {
+            report("mqtt.client_id".into(), "must not be empty".into());
+        }
+        if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
+            report("mqtt.password".into(), "needs mqtt.username".into());
+        }
+        if self.mqtt.receive_maximum == 0 {
+            report("mqtt.receive_maximum".into(), "must be at least 1".into());
+        }
+        if self.mqtt.keep_alive_secs < 5 {
+            report("mqtt.keep_alive_secs".into(), "must be at least 5".into());
+        }
+        if self.component.path.as_os_str().is_empty() {
+            report(
+                "component.path".into(),
+                "required: path of the .wasm component".into(),
+            );
+        }
+        if self.component.call_timeout_ms == 0 {
+            report(
+                "component.call_timeout_ms".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.component.max_memory_mib == 0 {
+            report(
+                "component.max_memory_mib".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.kinesis.retry_base_ms == 0 || self.kinesis.retry_base_ms > self.kinesis.retry_max_ms
+        {
+            report(
+                "kinesis.retry_base_ms".into(),
+                "must be at least 1 and at most kinesis.retry_max_ms".into(),
+            );
+        }
+        if self.kinesis.request_timeout_ms < 100 {
+            report(
+                "kinesis.request_timeout_ms".into(),
+                "must be at least 100".into(),
+            );
+        }
+        if self.kinesis.queue_capacity == 0 {
+            report("kinesis.queue_capacity".into(), "must be at least 1".into());
+        }
+
+        let mut device_ids = HashSet::new();
+        for (i, device) in self.devices.iter().enumerate() {
+            if !device_ids.insert(device.id) {
+                report(
+                    format!("devices[{i}].id"),
+                    format!("device {} is listed twice", device.id),
+                );
+            }
+        }
+
+        if self.modules.is_empty() {
+            report("modules".into(), "at least one module is required".into());
+        }
+        let mut module_ids = HashSet::new();
+        for (i, module) in self.modules.iter().enumerate() {
+            let field = |name: &str| format!("modules[{i}].{name}");
+            if let Err(message) = check_module_id(&module.id) {
+                report(field("id"), message);
+            } else if !module_ids.insert(module.id.as_str()) {
+                report(
+                    field("id"),
+                    format!("module ID `{}` is used twice", module.id),
+                );
+            }
+            if module.subscribe_events.is_empty() && module.bulk_data_label.is_none() {
+                report(
+                    field("subscribe_events"),
+                    "either subscribe_events or bulk_data_label is required".into(),
+                );
+            }
+            if module.subscribe_events.iter().any(|e| e.is_empty()) {
+                report(
+                    field("subscribe_events"),
+                    "event types must not be empty".into(),
+                );
+            }
+            if let Some(label) = &module.bulk_data_label
+                && let Err(message) = check_topic_level(label)
+            {
+                report(field("bulk_data_label"), message);
+            }
+            if let Some(arn) = &module.role_arn
+                && let Err(message) = check_role_arn(arn)
+            {
+                report(field("role_arn"), message);
+            }
+            if let Some(external_id) = &module.external_id {
+                if module.role_arn.is_none() {
+                    report(
+                        field("external_id"),
+                        "is only used with role_arn; set role_arn or remove external_id".into(),
+                    );
+                } else if let Err(message) = check_external_id(external_id) {
+                    report(field("external_id"), message);
+                }
+            }
+            if let Err(message) = check_region(&module.region) {
+                report(field("region"), message);
+            }
+            if let Err(message) = check_stream_name(&module.stream_name) {
+                report(field("stream_name"), message);
+            }
+            if module.max_record_size == 0 || module.max_record_size > KINESIS_MAX_RECORD_BYTES {
+                report(
+                    field("max_record_size"),
+                    format!("must be between 1 and {KINESIS_MAX_RECORD_BYTES} (1 MiB)"),
+                );
+            }
+        }
+        problems
+    }
+
+    /// The registry entry of a device, if it is registered.
+    pub fn device(&self, id: u64) -> Option<&DeviceConfig> {
+        self.devices.iter().find(|d| d.id == id)
+    }
+}
+
+/// Writes a key path the way problems name fields: `modules[1].surprise`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => {
+            let parent = field_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// Splits an `mqtt://HOST[:PORT]` URL into host and port.
+pub fn broker_address(url: &str) -> Result<(String, u16), String> {
+    if url.is_empty() {
+        return Err("required: broker URL, e.g. mqtt://127.0.0.1:1883".into());
+    }
+    let Some(rest) = url.strip_prefix("mqtt://") else {
+        return Err(format!(
+            "`{url}` must start with mqtt:// (TLS brokers are not supported yet)"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("`{port}` is not a valid port"))?;
+            (host, port)
+        }
+        _ => (rest, 1883),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(format!("`{url}` has no valid host"));
+    }
+    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+}
+
+/// Module IDs: 3+ chars of lowercase letters and digits, `-` and `_` after the first.
+fn check_module_id(id: &str) -> Result<(), String> {
+    let mut chars = id.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if id.len() < 3 || !first_ok || !rest_ok {
+        return Err(format!(
+            "`{id}` is not a valid module ID: use 3 or more lowercase letters and digits, \
+             with `-` and `_` allowed after the first character"
+        ));
+    }
+    Ok(())
+}
+
+/// A bulk data label is one MQTT topic level.
+fn check_topic_level(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if label.contains(['/', '+', '#', '\0']) {
+        return Err(format!(
+            "`{label}` must be one MQTT topic level: no `/`, `+`, `#`"
+        ));
+    }
+    Ok(())
+}
+
+/// `arn:PARTITION:iam::ACCOUNT:role/[PATH/]NAME`.
+fn check_role_arn(arn: &str) -> Result<(), String> {
+    let bad =
+        || format!("`{arn}` is not an IAM role ARN; expected arn:aws:iam::123456789012:role/NAME");
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    let [prefix, partition, service, region, account, resource] = parts[..] else {
+        return Err(bad());
+    };
+    let partition_ok = matches!(
+        partition,
+        "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b"
+    );
+    let account_ok = account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit());
+    let Some(path_and_name) = resource.strip_prefix("role/") else {
+        return Err(bad());
+    };
+    let name = path_and_name.rsplit('/').next().unwrap_or_default();
+    let name_ok = !name.is_empty()
+        && name.chars().count() <= ROLE_NAME_MAX_CHARS
+        && path_and_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
+    if prefix != "arn"
+        || !partition_ok
+        || service != "iam"
+        || !region.is_empty()
+        || !account_ok
+        || !name_ok
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// STS external IDs: 2 to 1224 characters of `[\w+=,.@:/-]`.
+fn check_external_id(id: &str) -> Result<(), String> {
+    let len = id.chars().count();
+    let chars_ok = id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_+=,.@:/-".contains(c));
+    if !EXTERNAL_ID_CHARS.contains(&len) || !chars_ok {
+        return Err(format!(
+            "must be 2 to 1224 characters of letters, digits and _+=,.@:/- (got {len} characters)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_region(region: &str) -> Result<(), String> {
+    if region.is_empty() {
+        return Err("required: AWS region of the stream, e.g. us-east-1".into());
+    }
+    if !region
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return Err(format!("`{region}` is not an AWS region name"));
+    }
+    Ok(())
+}
+
+fn check_stream_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("required: name of the Kinesis stream".into());
+    }
+    if name.len() > STREAM_NAME_MAX_CHARS
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
+        return Err(format!(
+            "`{name}` is not a valid stream name: 1 to 128 letters, digits, `_`, `.`, `-`"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+[admin]
+listen = "127.0.0.1:8686"
+[component]
+path = "target/wasm32-wasip2/release/ksm_guest.wasm"
+[[devices]]
+id = 1001
+home_id = 77
+class = "thermostat"
+[[modules]]
+id = "sensor-stream"
+description = "every event"
+subscribe_events = ["*"]
+bulk_data_label = "telemetry"
+role_arn = "arn:aws:iam::123456789012:role/ksm-writer"
+external_id = "ext-42"
+region = "us-east-1"
+stream_name = "sensors"
+use_uuid = false
+"#;
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::from_toml(text, Path::new("test.toml")) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+
+    fn fields(text: &str) -> Vec<String> {
+        problems(text).into_iter().map(|p| p.field).collect()
+    }
+
+    #[test]
+    fn the_issue_example_is_valid() {
+        let config = Config::from_toml(EXAMPLE, Path::new("x")).unwrap();
+        assert_eq!(config.modules[0].max_record_size, KINESIS_MAX_RECORD_BYTES);
+        assert_eq!(config.mqtt.client_id, "ksm");
+        assert_eq!(config.device(1001).unwrap().home_id, 77);
+    }
+
+    #[test]
+    fn example_files_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no example configs in {}", dir.display());
+    }
+
+    #[test]
+    fn module_ids_follow_the_rules() {
+        for good in ["abc", "a-b", "a_b", "1ab", "sensor-stream_2"] {
+            assert!(check_module_id(good).is_ok(), "{good}");
+        }
+        for bad in ["ab", "-ab", "_ab", "Abc", "ab c", "abé", ""] {
+            assert!(check_module_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn role_arns_are_checked() {
+        assert!(check_role_arn("arn:aws:iam::123456789012:role/ksm-writer").is_ok());
+        assert!(check_role_arn("arn:aws-cn:iam::123456789012:role/path/to/w+=,.@_-").is_ok());
+        for bad in [
+            "arn:aws:iam::12345678901:role/x",
+            "arn:aws:iam::123456789012:user/x",
+            "arn:aws:s3::123456789012:role/x",
+            "arn:aws:iam:us-east-1:123456789012:role/x",
+            "arn:aws:iam::123456789012:role/",
+            "role/x",
+        ] {
+            assert!(check_role_arn(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let text = r#"
+[mqtt]
+url = "http://broker"
+colour = "blue"
+[component]
+path = ""
+[[modules]]
+id = "AB"
+external_id = "x"
+max_record_size = 2000000
+[[modules]]
+id = "dup"
+subscribe_events = ["*"]
+region = "us-east-1"
+stream_name = "s"
+colour = "red"
+[[modules]]
+id = "dup"
+bulk_data_label = "a/b"
+role_arn = "nope"
+region = "us-east-1"
+stream_name = "bad name!"
+"#;
+        let found = fields(text);
+        for expected in [
+            "mqtt.colour",
+            "modules[1].colour",
+            "mqtt.url",
+            "component.path",
+            "modules[0].id",
+            "modules[0].subscribe_events",
+            "modules[0].external_id",
+            "modules[0].region",
+            "modules[0].stream_name",
+            "modules[0].max_record_size",
+            "modules[2].id",
+            "modules[2].bulk_data_label",
+            "modules[2].role_arn",
+            "modules[2].stream_name",
+        ] {
+            assert!(
+                found.iter().any(|f| f == expected),
+                "{expected} missing from {found:?}"
+            );
+        }
+        assert!(!found.contains(&"modules[1].id".to_owned()), "{found:?}");
+    }
+
+    #[test]
+    fn external_id_needs_role_arn() {
+        let text = EXAMPLE.replace(
+            "role_arn = \"arn:aws:iam::123456789012:role/ksm-writer\"\n",
+            "",
+        );
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "modules[0].external_id");
+    }
+
+    #[test]
+    fn wrong_types_are_parse_errors() {
+        let text = EXAMPLE.replace("use_uuid = false", "use_uuid = \"yes\"");
+        let err = Config::from_toml(&text, Path::new("x")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(err.to_string().contains("use_uuid"), "{err}");
+    }
+
+    #[test]
+    fn broker_urls_are_parsed() {
+        assert_eq!(
+            broker_address("mqtt://127.0.0.1:1884").unwrap(),
+            ("127.0.0.1".into(), 1884)
+        );
+        assert_eq!(
+            broker_address("mqtt://broker").unwrap(),
+            ("broker".into(), 1883)
+        );
+        assert!(broker_address("mqtt://h:x").is_err());
+        assert!(broker_address("mqtts://h").is_err());
+    }
+}

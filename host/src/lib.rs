@@ -1,0 +1,35 @@
+//! ksm, the Kinesis Smart Module host: forwards MODE device data from an MQTT
+//! broker into Amazon Kinesis Data Streams, with the MODE semantics
+//! (subscription filtering, bulk unpacking, partition keys) in a sandboxed
+//! WebAssembly component that users can replace.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`source`]: MQTT input ([`source::mqtt`]) and MODE topic names ([`source::topic`]).
+//! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component.
+//! - [`router`]: hands each message to every module's guest.
+//! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
+//! - [`ack`]: late MQTT acknowledgement once records are safe.
+//! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
+//! - [`admin`]: the admin HTTP API.
+//! - [`host`]: starts and stops all of the above.
+//! - [`bulk`] and [`conformance`]: bulk payload encoding and the guest conformance suite.
+
+pub mod ack;
+pub mod activity;
+pub mod admin;
+pub mod bindings;
+pub mod bulk;
+pub mod clock;
+pub mod config;
+pub mod conformance;
+pub mod dead_letter;
+pub mod host;
+pub mod module;
+pub mod router;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+
+pub use config::Config;
+pub use host::{Host, run};

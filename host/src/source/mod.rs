@@ -1,0 +1,63 @@
+//! Sources: where device data comes from, and the messages they hand on.
+
+pub mod mqtt;
+pub mod topic;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use time::OffsetDateTime;
+
+use crate::ack::Settlement;
+pub use topic::{SUBSCRIPTIONS, Topic};
+
+/// One inbound message, on its way to every module.
+pub struct Message {
+    /// The MQTT topic it arrived on.
+    pub topic: Arc<str>,
+    /// What the topic says the message is, or why it cannot be used.
+    pub kind: Result<Topic, String>,
+    /// The payload, untouched.
+    pub payload: Bytes,
+    /// When ksm received it.
+    pub received_at: OffsetDateTime,
+    /// Released when everything the message produced is safe.
+    pub settlement: Settlement,
+}
+
+/// Whether the source is connected and subscribed: the host is ready when it is.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    connected: AtomicBool,
+    subscribed: AtomicBool,
+}
+
+impl SourceStatus {
+    /// Records a new connection, and whether its subscriptions are in place
+    /// already (a resumed session keeps them).
+    pub fn connected(&self, subscribed: bool) {
+        self.connected.store(true, Ordering::Release);
+        self.subscribed.store(subscribed, Ordering::Release);
+    }
+
+    /// Records that the broker granted the subscriptions.
+    pub fn subscribed(&self) {
+        self.subscribed.store(true, Ordering::Release);
+    }
+
+    /// Records a lost connection.
+    pub fn disconnected(&self) {
+        self.connected.store(false, Ordering::Release);
+    }
+
+    /// Connected, and messages on every MODE topic reach ksm.
+    pub fn is_ready(&self) -> bool {
+        self.connected.load(Ordering::Acquire) && self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Connected to the broker.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,220 @@
+//! The MQTT source: a persistent MQTT 5 session with manual acknowledgements.
+//!
+//! ksm connects with a fixed client ID, `clean start` off and a session
+//! expiry, so the broker keeps its subscriptions and queues messages while
+//! ksm is away. Messages are acknowledged only when their records are safe
+//! (see [`crate::ack`]); MQTT 5's Receive Maximum lets many messages be in
+//! flight at once despite the late acknowledgements.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::ack::Settlement;
+use crate::activity::Level;
+use crate::config::{MqttConfig, broker_address};
+use crate::module::Module;
+use crate::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
+
+/// Pause before reconnecting after the connection failed.
+const RECONNECT_DELAY: Duration = Duration::from_secs(1);
+/// How long the last acknowledgements may take to leave at shutdown.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
+
+/// The MQTT side of a running host.
+pub struct MqttSource {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    modules: Arc<[Arc<Module>]>,
+    status: Arc<SourceStatus>,
+}
+
+impl MqttSource {
+    /// Prepares the connection (it is made when [`MqttSource::run`] starts).
+    pub fn new(
+        config: &MqttConfig,
+        modules: Arc<[Arc<Module>]>,
+        status: Arc<SourceStatus>,
+    ) -> Result<Self, String> {
+        let (host, port) = broker_address(&config.url)?;
+        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+        options
+            .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(config.session_expiry_secs))
+            .set_receive_maximum(Some(config.receive_maximum))
+            .set_max_packet_size(Some(config.max_packet_bytes))
+            .set_manual_acks(true)
+            .set_request_channel_capacity(usize::from(config.receive_maximum) + 64);
+        if let Some(username) = &config.username {
+            options.set_credentials(
+                username.clone(),
+                config.password.clone().unwrap_or_default(),
+            );
+        }
+        let (client, eventloop) =
+            AsyncClient::new(options, usize::from(config.receive_maximum) + 64);
+        Ok(Self {
+            client,
+            eventloop,
+            modules,
+            status,
+        })
+    }
+
+    /// Receives messages into `inbox` until `intake` turns true; then keeps
+    /// the connection up until every acknowledgement released by settled
+    /// messages has been sent (or `disconnect` turns true), and disconnects.
+    pub async fn run(
+        mut self,
+        inbox: mpsc::Sender<Message>,
+        mut intake: watch::Receiver<bool>,
+        mut disconnect: watch::Receiver<bool>,
+    ) {
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Publish>();
+        let acker_client = self.client.clone();
+        let mut acker = tokio::spawn(async move {
+            while let Some(publish) = ack_rx.recv().await {
+                if acker_client.ack(&publish).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut inbox = Some(inbox);
+        let mut ack_tx = Some(ack_tx);
+        loop {
+            tokio::select! {
+                event = self.eventloop.poll() => match event {
+                    Ok(event) => {
+                        if let (Some(inbox), Some(ack_tx)) = (&inbox, &ack_tx) {
+                            self.handle(event, inbox, ack_tx).await;
+                        }
+                    }
+                    Err(error) => {
+                        self.status.disconnected();
+                        self.log_all(Level::Warn, &format!(
+                            "lost the connection to the MQTT broker ({error}); reconnecting"
+                        ));
+                        tokio::time::sleep(RECONNECT_DELAY).await;
+                    }
+                },
+                _ = intake.changed(), if inbox.is_some() => {
+                    // Stop taking messages; new ones stay unacknowledged at the broker.
+                    inbox = None;
+                    ack_tx = None;
+                }
+                _ = &mut acker, if inbox.is_none() => break,
+                _ = disconnect.changed() => break,
+            }
+        }
+        drop(ack_tx);
+        let _ = self.client.disconnect().await;
+        let _ = tokio::time::timeout(DISCONNECT_GRACE, async {
+            while let Ok(event) = self.eventloop.poll().await {
+                if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    async fn handle(
+        &mut self,
+        event: Event,
+        inbox: &mpsc::Sender<Message>,
+        ack_tx: &mpsc::UnboundedSender<Publish>,
+    ) {
+        match event {
+            Event::Incoming(Packet::ConnAck(connack)) => {
+                self.status.connected(connack.session_present);
+                self.log_all(
+                    Level::Info,
+                    &format!(
+                        "connected to the MQTT broker (session {})",
+                        if connack.session_present {
+                            "resumed"
+                        } else {
+                            "new"
+                        }
+                    ),
+                );
+                if !connack.session_present {
+                    let filters = SUBSCRIPTIONS.map(|topic| Filter::new(topic, QoS::AtLeastOnce));
+                    let client = self.client.clone();
+                    tokio::spawn(async move { client.subscribe_many(filters).await });
+                }
+            }
+            Event::Incoming(Packet::SubAck(suback)) => {
+                let refused: Vec<String> = suback
+                    .return_codes
+                    .iter()
+                    .zip(SUBSCRIPTIONS)
+                    .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
+                    .map(|(code, topic)| format!("{topic} ({code:?})"))
+                    .collect();
+                if refused.is_empty() {
+                    self.status.subscribed();
+                } else {
+                    self.log_all(
+                        Level::Error,
+                        &format!(
+                            "the MQTT broker refused subscriptions: {}; check the broker's ACLs",
+                            refused.join(", ")
+                        ),
+                    );
+                }
+            }
+            Event::Incoming(Packet::Publish(publish)) => {
+                let message = message(publish, ack_tx);
+                if inbox.send(message).await.is_err() {
+                    tracing::warn!("router stopped; message left unacknowledged");
+                }
+            }
+            Event::Incoming(Packet::Disconnect(disconnect)) => self.log_all(
+                Level::Warn,
+                &format!(
+                    "the MQTT broker closed the session: {:?}",
+                    disconnect.reason_code
+                ),
+            ),
+            _ => {}
+        }
+    }
+
+    fn log_all(&self, level: Level, message: &str) {
+        if self.modules.is_empty() {
+            tracing::info!("{message}");
+        }
+        for module in self.modules.iter() {
+            module.log.write(level, message);
+        }
+    }
+}
+
+/// Turns a received publish into a message whose settlement sends its PUBACK.
+fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>) -> Message {
+    let topic: Arc<str> = String::from_utf8_lossy(&publish.topic).into();
+    let on_settled: Option<crate::ack::OnSettled> = (publish.qos != QoS::AtMostOnce).then(|| {
+        let ack = Publish {
+            payload: bytes::Bytes::new(),
+            ..publish.clone()
+        };
+        let ack_tx = ack_tx.clone();
+        Box::new(move || {
+            let _ = ack_tx.send(ack);
+        }) as crate::ack::OnSettled
+    });
+    Message {
+        kind: Topic::parse(&topic),
+        topic,
+        payload: publish.payload,
+        received_at: OffsetDateTime::now_utc(),
+        settlement: Settlement::new(on_settled),
+    }
+}

@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# Runs ksm end to end on this machine, with nothing from AWS:
+#   Mosquitto (MQTT broker) -> ksm (host + guest component) -> moto (Kinesis and STS).
+# It creates the 2-shard stream "ksm-quickstart", starts `ksm run` with a config like
+# examples/quickstart.toml, publishes a device event, a home event and a bulk-data payload,
+# prints the records that landed in the stream and the module's log, then stops everything.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+STREAM="ksm-quickstart"
+MODULE="sensor-stream"
+ADMIN="127.0.0.1:8686"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+KSM="$TARGET/release/ksm"
+GUEST="$TARGET/wasm32-wasip2/release/ksm_guest.wasm"
+TOOL=(python3 "$ROOT/scripts/kinesis_tool.py")
+
+say() { printf '\n==> %s\n' "$*"; }
+die() { printf 'quickstart: error: %s\n' "$*" >&2; exit 1; }
+
+WORK="$(mktemp -d -t ksm-quickstart.XXXXXX)"
+PIDS=()
+cleanup() {
+    local status=$?
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "$status" -ne 0 ]; then
+        printf '\nquickstart failed; logs are kept in %s\n' "$WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+
+# Prints the tail of a log file (used when a service fails).
+show_log() {
+    printf -- '--- %s ---\n' "$1" >&2
+    tail -n 40 "$1" >&2 || true
+}
+
+port_is_free() {
+    python3 -c 'import socket, sys
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)' "$1"
+}
+
+free_port() {
+    python3 -c 'import socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# wait_for DESCRIPTION PID LOG COMMAND...: retries COMMAND for up to 60 s while PID lives.
+wait_for() {
+    local what="$1" pid="$2" log="$3"
+    shift 3
+    local i
+    for i in $(seq 1 300); do
+        if "$@" >/dev/null 2>&1; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            show_log "$log"
+            die "$what: the process exited"
+        fi
+        sleep 0.2
+    done
+    show_log "$log"
+    die "$what: not ready after 60 s"
+}
+
+say "setup (installs what is missing)"
+bash scripts/setup.sh
+
+say "build the guest component and the host (release)"
+cargo build --release --target wasm32-wasip2 -p ksm-guest
+cargo build --release -p ksm-host --bin ksm
+
+port_is_free 8686 || die "the admin port 8686 is in use (another ksm running?)"
+
+MQTT_PORT=18830
+port_is_free "$MQTT_PORT" || MQTT_PORT="$(free_port)"
+say "start Mosquitto on 127.0.0.1:$MQTT_PORT"
+cat >"$WORK/mosquitto.conf" <<CONF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+persistence false
+max_queued_messages 100000
+log_dest stderr
+CONF
+mosquitto -c "$WORK/mosquitto.conf" >"$WORK/mosquitto.log" 2>&1 &
+PIDS+=("$!")
+wait_for "mosquitto" "$!" "$WORK/mosquitto.log" \
+    bash -c "exec 3<>/dev/tcp/127.0.0.1/$MQTT_PORT"
+
+MOTO_PORT="$(free_port)"
+MOTO="http://127.0.0.1:$MOTO_PORT"
+say "start moto (Kinesis and STS) on $MOTO"
+if command -v moto_server >/dev/null 2>&1; then
+    moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+else
+    python3 -m moto.server -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto.log" 2>&1 &
+fi
+PIDS+=("$!")
+wait_for "moto" "$!" "$WORK/moto.log" curl -sf "$MOTO/moto-api/"
+
+say "create the stream $STREAM (2 shards)"
+"${TOOL[@]}" --endpoint "$MOTO" create-stream "$STREAM" --shards 2
+
+CONFIG="$WORK/ksm.toml"
+say "write $CONFIG"
+cat >"$CONFIG" <<CONF
+[mqtt]
+url = "mqtt://127.0.0.1:$MQTT_PORT"
+client_id = "ksm-quickstart"
+
+[admin]
+listen = "$ADMIN"
+
+[component]
+path = "$GUEST"
+
+[[devices]]
+id = 1001
+home_id = 77
+class = "thermostat"
+
+[[modules]]
+id = "$MODULE"
+description = "every event and the telemetry bulk data"
+subscribe_events = ["*"]
+bulk_data_label = "telemetry"
+role_arn = "arn:aws:iam::123456789012:role/ksm-writer"
+external_id = "ext-42"
+region = "us-east-1"
+stream_name = "$STREAM"
+CONF
+cat "$CONFIG"
+
+say "start ksm"
+env AWS_ENDPOINT_URL="$MOTO" \
+    AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_REGION=us-east-1 \
+    AWS_EC2_METADATA_DISABLED=true \
+    "$KSM" run --config "$CONFIG" >"$WORK/ksm.log" 2>&1 &
+KSM_PID="$!"
+PIDS+=("$KSM_PID")
+wait_for "ksm admin API" "$KSM_PID" "$WORK/ksm.log" curl -sf "http://$ADMIN/api/modules"
+curl -s "http://$ADMIN/api/modules"
+echo
+
+say "publish a device event, a home event and a bulk-data payload (MQTT 5, QoS 1)"
+pub() { mosquitto_pub -V mqttv5 -q 1 -h 127.0.0.1 -p "$MQTT_PORT" -i "ksm-quickstart-pub" "$@"; }
+pub -t /devices/1001/event -m '{"eventType":"temperature","eventData":{"celsius":21.5}}'
+pub -t /homes/77/event -m '{"eventType":"away","eventData":{"mode":"eco"}}'
+printf '{"celsius":21.4,"at":"08:00"}' >"$WORK/reading-1.json"
+printf '{"celsius":21.6,"at":"08:05"}' >"$WORK/reading-2.json"
+printf 'raw telemetry line\n' >"$WORK/reading-3.txt"
+"$KSM" bulk encode "$WORK/reading-1.json" "$WORK/reading-2.json" "$WORK/reading-3.txt" \
+    >"$WORK/bulk.msgpack"
+pub -t /devices/1001/bulkData/telemetry -f "$WORK/bulk.msgpack"
+echo "published 2 events and 1 bulk payload of 3 records"
+
+say "records in $STREAM (shard, partition key, data)"
+if ! "${TOOL[@]}" --endpoint "$MOTO" read "$STREAM" --wait-for 5 --timeout 30; then
+    show_log "$WORK/ksm.log"
+    die "not all 5 records arrived"
+fi
+
+say "the module's log (GET /api/modules/$MODULE/logs)"
+curl -s "http://$ADMIN/api/modules/$MODULE/logs"
+echo
+
+say "done: stopping ksm, moto and Mosquitto"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The test command: installs what is missing, then format, lints, every test of every crate,
+# and the conformance suite against the reference guest. Exits non-zero on any failure.
+#
+# Conformance runs through the dev-profile host (`cargo run -p ksm-host`), not --release:
+# `cargo test` has just built that binary and every dependency in the dev profile (where
+# wasmtime, cranelift and the AWS SDK are optimised at opt-level 2), so it costs only a link,
+# while a release build would compile all of them a second time with LTO.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+GUEST_WASM="target/wasm32-wasip2/release/ksm_guest.wasm"
+START=$SECONDS
+
+step() {
+    printf '\n==> %s  [%ds]\n' "$*" "$((SECONDS - START))"
+}
+
+step "setup"
+bash scripts/setup.sh
+
+step "build the guest component"
+cargo build --release --target wasm32-wasip2 -p ksm-guest
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (host, tests, guest natively)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "clippy (guest for wasm32-wasip2)"
+cargo clippy -p ksm-guest --target wasm32-wasip2 -- -D warnings
+
+step "tests (every crate)"
+# The integration tests use the component built above instead of building it again.
+KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo test --workspace --no-fail-fast
+
+step "conformance"
+# Its last line, "N passed, M failed", is the last line of this script's output.
+cargo run -p ksm-host -- conformance "$GUEST_WASM"

@@ -1,0 +1,216 @@
+//! Bulk data: MessagePack payloads unpacked into records, refused payloads
+//! kept as dead letters with ERROR log entries.
+
+use std::time::Duration;
+
+use ksm_tests::{
+    Mosquitto, Moto, aws_env, create_stream, kinesis_client, publish_all, read_all_records,
+    unique_stream_name, wait_for_records,
+};
+
+use crate::support::{Ksm, config, module};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
+    let broker = Mosquitto::start();
+    let moto = Moto::start();
+    let kinesis = kinesis_client(&moto.endpoint()).await;
+    let stream = unique_stream_name("bulk");
+    create_stream(&kinesis, &stream, 2).await;
+    let host = Ksm::start(
+        &config(
+            &broker.url(),
+            "ksm-bulk",
+            &[module(
+                "telemetry",
+                &stream,
+                "bulk_data_label = \"telemetry\"\nmax_record_size = 100",
+            )],
+        ),
+        aws_env(&moto.endpoint(), &moto.endpoint()),
+    );
+
+    let good: Vec<Vec<u8>> = (0..20)
+        .map(|i| format!("reading-{i:02}").into_bytes())
+        .collect();
+    let mut oversize = vec![b"small-1".to_vec(), vec![b'x'; 97], b"small-2".to_vec()];
+    oversize.push(Vec::new());
+    let mut wrong_version = Vec::new();
+    rmp::encode::write_str(&mut wrong_version, "2.0").unwrap();
+    rmp::encode::write_bin(&mut wrong_version, b"r").unwrap();
+    let mut not_bin = ksm_host::bulk::encode([b"ok".as_slice()]);
+    rmp::encode::write_str(&mut not_bin, "a string, not bytes").unwrap();
+    let truncated = {
+        let mut payload = ksm_host::bulk::encode([vec![7u8; 50]]);
+        payload.truncate(payload.len() - 10);
+        payload
+    };
+
+    publish_all(
+        &broker.url(),
+        &[
+            (
+                "/devices/1001/bulkData/telemetry",
+                ksm_host::bulk::encode(&good),
+            ),
+            (
+                "/devices/1001/bulkData/other-label",
+                ksm_host::bulk::encode([b"no"]),
+            ),
+            (
+                "/devices/1001/bulkData/telemetry",
+                ksm_host::bulk::encode(&oversize),
+            ),
+            ("/devices/1001/bulkData/telemetry", wrong_version.clone()),
+            ("/devices/1001/bulkData/telemetry", not_bin.clone()),
+            ("/devices/1001/bulkData/telemetry", truncated.clone()),
+            (
+                "/devices/1001/bulkData/telemetry",
+                ksm_host::bulk::encode::<[&[u8]; 0]>([]),
+            ),
+        ],
+    )
+    .await;
+
+    // 20 good records, then small-1, small-2 and the empty record of the oversize payload.
+    let counters =
+        host.wait_for_counters("telemetry", |c| c["forwarded"] == 23 && c["rejected"] == 4);
+    assert_eq!(counters["received"], 7, "{counters}");
+    assert_eq!(counters["forwarded"], 23, "{counters}\n{}", host.log());
+    assert_eq!(counters["rejected"], 4, "{counters}");
+    assert_eq!(
+        counters["filtered"], 2,
+        "other label and the empty payload: {counters}"
+    );
+
+    let records = wait_for_records(&kinesis, &stream, 23, Duration::from_secs(10)).await;
+    assert_eq!(records.len(), 23);
+    assert!(records.iter().all(|r| r.partition_key == "1001"));
+    let data: Vec<Vec<u8>> = records.iter().map(|r| r.data.clone()).collect();
+    let mut expected = good.clone();
+    expected.extend([b"small-1".to_vec(), b"small-2".to_vec(), Vec::new()]);
+    assert_eq!(data, expected, "one key, one shard: publish order kept");
+
+    let letters = host.get("/api/modules/telemetry/dead-letters");
+    let letters = letters.as_array().expect("a list");
+    assert_eq!(letters.len(), 4, "{letters:?}");
+    let reason = |i: usize| letters[i]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason(0).contains("record 1") && reason(0).contains("101 bytes"),
+        "{}",
+        reason(0)
+    );
+    assert_eq!(letters[0]["record_index"], 1);
+    assert_eq!(
+        decode(&letters[0]),
+        vec![b'x'; 97],
+        "the refused record is kept"
+    );
+    assert!(reason(1).contains("2.0"), "{}", reason(1));
+    assert_eq!(
+        decode(&letters[1]),
+        wrong_version,
+        "the whole payload is kept"
+    );
+    assert!(
+        reason(2).contains("str") && reason(2).contains("element 1"),
+        "{}",
+        reason(2)
+    );
+    assert_eq!(decode(&letters[2]), not_bin);
+    assert!(reason(3).contains("truncated"), "{}", reason(3));
+    assert_eq!(decode(&letters[3]), truncated);
+    for letter in letters {
+        assert_eq!(letter["topic"], "/devices/1001/bulkData/telemetry");
+    }
+
+    let errors = host.get("/api/modules/telemetry/logs?level=error");
+    let errors = errors.as_array().expect("a list");
+    assert_eq!(errors.len(), 4, "one ERROR entry per refusal: {errors:?}");
+    assert!(errors.iter().all(|e| e["level"] == "ERROR"));
+    assert!(
+        errors.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unsupported bulk data version")),
+        "{errors:?}"
+    );
+    let all = host.get("/api/modules/telemetry/logs");
+    assert!(
+        all.as_array().expect("a list").len() > errors.len(),
+        "INFO entries too"
+    );
+    let (status, _) = host.get_raw("/api/modules/telemetry/logs?level=loud");
+    assert_eq!(status, 400);
+    let (status, _) = host.get_raw("/api/modules/nope/logs");
+    assert_eq!(status, 404);
+
+    // Nothing was forwarded for the other label.
+    assert_eq!(read_all_records(&kinesis, &stream).await.len(), 23);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_that_are_not_mode_events_become_dead_letters() {
+    let broker = Mosquitto::start();
+    let moto = Moto::start();
+    let kinesis = kinesis_client(&moto.endpoint()).await;
+    let stream = unique_stream_name("bad-events");
+    create_stream(&kinesis, &stream, 1).await;
+    let host = Ksm::start(
+        &config(
+            &broker.url(),
+            "ksm-bad-events",
+            &[module("events", &stream, "subscribe_events = [\"*\"]")],
+        ),
+        aws_env(&moto.endpoint(), &moto.endpoint()),
+    );
+    publish_all(
+        &broker.url(),
+        &[
+            ("/devices/1001/event", "not json".to_owned()),
+            ("/devices/1001/event", r#"{"eventData":{}}"#.to_owned()),
+            (
+                "/devices/3003/event",
+                r#"{"eventType":"x","eventData":{}}"#.to_owned(),
+            ),
+            (
+                "/devices/abc/event",
+                r#"{"eventType":"x","eventData":{}}"#.to_owned(),
+            ),
+            (
+                "/devices/1001/event",
+                r#"{"eventType":"ok","eventData":{}}"#.to_owned(),
+            ),
+        ],
+    )
+    .await;
+    let counters = host.wait_for_counters("events", |c| c["forwarded"] == 1 && c["rejected"] == 4);
+    assert_eq!(counters["rejected"], 4, "{counters}\n{}", host.log());
+    let letters = host.get("/api/modules/events/dead-letters");
+    let reasons: Vec<&str> = letters
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap_or_default())
+        .collect();
+    assert!(reasons[0].contains("JSON"), "{reasons:?}");
+    assert!(reasons[1].contains("eventType"), "{reasons:?}");
+    assert!(
+        reasons[2].contains("homeId"),
+        "unknown device, no homeId: {reasons:?}"
+    );
+    assert!(
+        reasons[3].contains("abc"),
+        "bad device ID in the topic: {reasons:?}"
+    );
+    let records = read_all_records(&kinesis, &stream).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].data_json()["eventType"], "ok");
+}
+
+fn decode(letter: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(letter["data_base64"].as_str().expect("data_base64"))
+        .expect("valid base64")
+}

@@ -1,0 +1,288 @@
+//! The harness against the real services: if these fail, no other integration test can pass.
+
+use std::time::Duration;
+
+use aws_sdk_kinesis::config::Credentials;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use ksm_tests::mqtt::Subscriber;
+use ksm_tests::{
+    Kinesalite, Mosquitto, Moto, RecordingProxy, create_stream, kinesis, kinesis_client,
+    publish_all, read_all_records, unique_stream_name, wait_for_records,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+#[tokio::test]
+async fn mosquitto_delivers_published_messages_and_restarts_on_the_same_port() {
+    let mut broker = Mosquitto::start();
+    assert_eq!(broker.url(), format!("mqtt://127.0.0.1:{}", broker.port()));
+
+    let mut subscriber = Subscriber::subscribe(&broker.url(), "/devices/+/event").await;
+    publish_all(
+        &broker.url(),
+        &[
+            ("/devices/1001/event", r#"{"eventType":"a"}"#),
+            ("/devices/1002/event", r#"{"eventType":"b"}"#),
+            ("/homes/77/event", r#"{"eventType":"not subscribed"}"#),
+        ],
+    )
+    .await;
+    let got = subscriber.recv_n(2, WAIT).await;
+    let topics: Vec<&str> = got.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, ["/devices/1001/event", "/devices/1002/event"]);
+    assert_eq!(got[0].payload, br#"{"eventType":"a"}"#);
+    assert_eq!(subscriber.recv(Duration::from_millis(300)).await, None);
+    drop(subscriber);
+
+    let port = broker.port();
+    broker.stop();
+    assert!(!broker.is_running());
+    broker.restart();
+    assert_eq!(broker.port(), port);
+    let mut subscriber = Subscriber::subscribe(&broker.url(), "#").await;
+    let big = vec![7u8; 2 * 1024 * 1024];
+    publish_all(&broker.url(), &[("/devices/1/bulkData/x", big.as_slice())]).await;
+    let got = subscriber.recv(WAIT).await.expect("the 2 MiB message");
+    assert_eq!(got.payload.len(), big.len());
+    assert!(
+        broker.log().contains("mosquitto version"),
+        "{}",
+        broker.log()
+    );
+}
+
+#[tokio::test]
+async fn publish_all_waits_for_every_ack() {
+    let broker = Mosquitto::start();
+    let mut subscriber = Subscriber::subscribe(&broker.url(), "load/#").await;
+    let messages: Vec<(String, String)> = (0..500)
+        .map(|i| (format!("load/{}", i % 7), format!("message {i}")))
+        .collect();
+    publish_all(&broker.url(), &messages).await;
+    let got = subscriber.recv_n(500, WAIT).await;
+    assert_eq!(got.len(), 500);
+    assert_eq!(got[499].payload, b"message 499");
+}
+
+/// Creates a two-shard stream, puts records with several keys, and reads them back.
+async fn stream_round_trip(endpoint: &str) {
+    let client = kinesis_client(endpoint).await;
+    let stream = unique_stream_name("smoke");
+    create_stream(&client, &stream, 2).await;
+    assert_eq!(kinesis::shard_ids(&client, &stream).await.len(), 2);
+    assert!(read_all_records(&client, &stream).await.is_empty());
+
+    for i in 0..20 {
+        client
+            .put_record()
+            .stream_name(&stream)
+            .partition_key(format!("device-{}", i % 5))
+            .data(Blob::new(format!("record {i}")))
+            .send()
+            .await
+            .expect("PutRecord");
+    }
+    let entries: Vec<PutRecordsRequestEntry> = (20..30)
+        .map(|i| {
+            PutRecordsRequestEntry::builder()
+                .partition_key("home-77")
+                .data(Blob::new(format!("record {i}")))
+                .build()
+                .expect("entry")
+        })
+        .collect();
+    let out = client
+        .put_records()
+        .stream_name(&stream)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .expect("PutRecords");
+    assert_eq!(out.failed_record_count(), Some(0));
+
+    let records = wait_for_records(&client, &stream, 30, WAIT).await;
+    assert_eq!(records.len(), 30, "{records:#?}");
+    let mut shards: Vec<&str> = records.iter().map(|r| r.shard_id.as_str()).collect();
+    shards.dedup();
+    assert!(shards.windows(2).all(|w| w[0] < w[1]), "grouped by shard");
+    for key in ["device-0", "device-3", "home-77"] {
+        let data: Vec<String> = records
+            .iter()
+            .filter(|r| r.partition_key == key)
+            .map(|r| r.data_text())
+            .collect();
+        let mut sorted = data.clone();
+        sorted.sort_by_key(|d| d[7..].parse::<u32>().expect("number"));
+        assert_eq!(data, sorted, "per-key order for {key}");
+    }
+    let keys = records
+        .iter()
+        .filter(|r| r.partition_key == "home-77")
+        .count();
+    assert_eq!(keys, 10);
+    // Asking for more than there is returns what is there once the time is up.
+    let more = wait_for_records(&client, &stream, 31, Duration::from_millis(500)).await;
+    assert_eq!(more.len(), 30);
+}
+
+#[tokio::test]
+async fn moto_stores_and_returns_records() {
+    let moto = Moto::start();
+    stream_round_trip(&moto.endpoint()).await;
+}
+
+#[tokio::test]
+async fn kinesalite_stores_and_returns_records() {
+    let kinesalite = Kinesalite::start();
+    stream_round_trip(&kinesalite.endpoint()).await;
+}
+
+#[tokio::test]
+async fn proxy_records_assume_role_and_the_signing_key() {
+    let moto = Moto::start();
+    let proxy = RecordingProxy::start(&moto.endpoint());
+    let stream = unique_stream_name("proxied");
+    create_stream(&kinesis_client(&moto.endpoint()).await, &stream, 1).await;
+
+    let sts = kinesis::sts_client(&proxy.endpoint()).await;
+    let assumed = sts
+        .assume_role()
+        .role_arn("arn:aws:iam::123456789012:role/ksm-writer")
+        .role_session_name("ksm")
+        .external_id("ext-42")
+        .send()
+        .await
+        .expect("AssumeRole");
+    let creds = assumed.credentials().expect("credentials");
+
+    let config = aws_sdk_kinesis::Config::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .endpoint_url(proxy.endpoint())
+        .region(aws_config::Region::new("us-east-1"))
+        .credentials_provider(Credentials::new(
+            creds.access_key_id(),
+            creds.secret_access_key(),
+            Some(creds.session_token().to_owned()),
+            None,
+            "assumed",
+        ))
+        .build();
+    let client = aws_sdk_kinesis::Client::from_conf(config);
+    let entry = PutRecordsRequestEntry::builder()
+        .partition_key("1001")
+        .data(Blob::new("hello"))
+        .build()
+        .expect("entry");
+    client
+        .put_records()
+        .stream_name(&stream)
+        .records(entry)
+        .send()
+        .await
+        .expect("PutRecords through the proxy");
+
+    let assume = proxy.requests_for("AssumeRole");
+    assert_eq!(assume.len(), 1, "{:#?}", proxy.requests());
+    assert_eq!(
+        assume[0].form_param("ExternalId").as_deref(),
+        Some("ext-42")
+    );
+    assert_eq!(
+        assume[0].form_param("RoleArn").as_deref(),
+        Some("arn:aws:iam::123456789012:role/ksm-writer")
+    );
+    assert_eq!(assume[0].access_key_id(), Some("testing"));
+    assert_eq!(
+        assume[0].assumed_access_key_id().as_deref(),
+        Some(creds.access_key_id())
+    );
+
+    let puts = proxy
+        .wait_for_operation("PutRecords", 1, Duration::from_secs(1))
+        .await;
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0].response_status, 200, "{}", puts[0].response_text());
+    assert_eq!(puts[0].access_key_id(), Some(creds.access_key_id()));
+    assert_eq!(puts[0].security_token(), Some(creds.session_token()));
+    assert_eq!(
+        puts[0].target(),
+        Some("Kinesis_20131202.PutRecords"),
+        "{:?}",
+        puts[0].headers
+    );
+    let body = puts[0].body_json().expect("JSON body");
+    assert_eq!(body["StreamName"], stream.as_str());
+
+    let records = read_all_records(&client, &stream).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].data, b"hello");
+    assert_eq!(records[0].partition_key, "1001");
+}
+
+#[tokio::test]
+async fn proxy_keeps_connections_alive_and_injects_errors() {
+    let kinesalite = Kinesalite::start();
+    let proxy = RecordingProxy::start(&kinesalite.endpoint());
+    let client = kinesis_client(&proxy.endpoint()).await;
+    let stream = unique_stream_name("inject");
+    create_stream(&client, &stream, 1).await;
+
+    proxy.inject_error(
+        "PutRecord",
+        1,
+        400,
+        r#"{"__type":"ProvisionedThroughputExceededException","message":"slow down"}"#,
+    );
+    for i in 0..5 {
+        client
+            .put_record()
+            .stream_name(&stream)
+            .partition_key("k")
+            .data(Blob::new(vec![i; 100_000]))
+            .send()
+            .await
+            .expect("PutRecord (retried after the injected throttle)");
+    }
+    let puts = proxy.requests_for("PutRecord");
+    assert_eq!(puts.len(), 6, "one throttled, then five stored");
+    assert_eq!(puts[0].response_status, 400);
+    assert!(puts[1..].iter().all(|r| r.response_status == 200));
+    let records = read_all_records(&client, &stream).await;
+    assert_eq!(records.len(), 5);
+    assert_eq!(records[4].data, vec![4u8; 100_000]);
+    assert!(proxy.requests().len() > 8);
+    proxy.clear();
+    assert!(proxy.requests().is_empty());
+}
+
+#[test]
+fn aws_env_points_the_sdk_at_the_emulators_only() {
+    let env = ksm_tests::aws_env("http://127.0.0.1:1", "http://127.0.0.1:2");
+    let get = |k: &str| {
+        env.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("AWS_ENDPOINT_URL_KINESIS"), Some("http://127.0.0.1:1"));
+    assert_eq!(get("AWS_ENDPOINT_URL_STS"), Some("http://127.0.0.1:2"));
+    assert_eq!(get("AWS_ACCESS_KEY_ID"), Some("testing"));
+    assert_eq!(get("AWS_REGION"), Some("us-east-1"));
+}
+
+#[test]
+fn guest_component_is_built_once() {
+    let path = ksm_tests::guest_wasm();
+    assert!(
+        path.ends_with("target/wasm32-wasip2/release/ksm_guest.wasm")
+            || std::env::var_os("KSM_GUEST_WASM").is_some()
+    );
+    let bytes = std::fs::read(&path).expect("read the guest");
+    assert_eq!(
+        &bytes[..4],
+        b"\0asm",
+        "{} is not WebAssembly",
+        path.display()
+    );
+    assert_eq!(ksm_tests::guest_wasm(), path);
+}

@@ -1,0 +1,24 @@
+//! Integration tests for ksm: the host, the guest and real services on loopback.
+//!
+//! One test binary (faster to link than one per file); each module is one area.
+//!
+//! # Layout
+//!
+//! - `harness_smoke`: the test harness itself against Mosquitto, moto and kinesalite.
+//! - `support`: the `ksm` binary as a process under test, and its admin API.
+//! - `events`, `bulk_data`: MODE events and bulk data end to end, dead letters, logs.
+//! - `credentials`: role assumption with an external ID.
+//! - `kinesis_faults`: throttling and a missing stream.
+//! - `kinesalite`: a second Kinesis implementation.
+//! - `restart`: the persistent session across restarts.
+//! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
+
+mod bulk_data;
+mod credentials;
+mod events;
+mod harness_smoke;
+mod kinesalite;
+mod kinesis_faults;
+mod restart;
+mod support;
+mod validate;

@@ -1,0 +1,245 @@
+//! Running the `ksm` binary as a process under test, and talking to its admin API.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ksm_tests::{TempDir, free_port, guest_wasm, ksm_binary};
+
+/// How long a host may take to start answering its admin API.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One module section of a test configuration.
+pub struct ModuleSpec {
+    /// TOML lines of the module (without the `[[modules]]` header).
+    pub body: String,
+}
+
+/// A module forwarding to `stream` with extra TOML lines.
+pub fn module(id: &str, stream: &str, extra: &str) -> ModuleSpec {
+    ModuleSpec {
+        body: format!(
+            "id = \"{id}\"\nregion = \"us-east-1\"\nstream_name = \"{stream}\"\n{extra}\n"
+        ),
+    }
+}
+
+/// The configuration text of a test host.
+pub fn config(broker_url: &str, client_id: &str, modules: &[ModuleSpec]) -> String {
+    let mut text = format!(
+        "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [component]\npath = \"{wasm}\"\n\n\
+         [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n\n\
+         [[devices]]\nid = 1001\nhome_id = 77\nclass = \"thermostat\"\n\n",
+        port = free_port(),
+        wasm = guest_wasm().display(),
+    );
+    for module in modules {
+        text.push_str("[[modules]]\n");
+        text.push_str(&module.body);
+        text.push('\n');
+    }
+    text
+}
+
+/// A `ksm run` process; killed on drop.
+pub struct Ksm {
+    child: Option<Child>,
+    dir: TempDir,
+    config_path: PathBuf,
+    env: Vec<(String, String)>,
+    admin: SocketAddr,
+}
+
+impl Ksm {
+    /// Writes `config` (its `[storage]` pointed at a fresh directory) and
+    /// starts `ksm run` with `env`, waiting until it is connected to the
+    /// broker and subscribed (`GET /api/health` answers 200).
+    pub fn start(config: &str, env: Vec<(String, String)>) -> Ksm {
+        let dir = TempDir::new("ksm-host");
+        let config_path = dir.path().join("ksm.toml");
+        let config = format!(
+            "{config}\n[storage]\ndir = \"{}\"\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(&config_path, &config).expect("write the test config");
+        let admin = admin_addr(&config);
+        let mut ksm = Ksm {
+            child: None,
+            dir,
+            config_path,
+            env,
+            admin,
+        };
+        ksm.spawn();
+        ksm
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("ksm.log"))
+            .expect("open the host log");
+        let child = Command::new(ksm_binary())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env("KSM_LOG", "info")
+            .stdout(log.try_clone().expect("clone the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start ksm");
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !matches!(http_get(self.admin, "/api/health"), Ok((200, _))) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("ksm exited with {status} while starting:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ksm did not start within {START_TIMEOUT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The host's own log output.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("ksm.log")).unwrap_or_default()
+    }
+
+    /// GETs an admin API path and parses the JSON answer.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
+    }
+
+    /// GETs an admin API path and returns the status and body.
+    pub fn get_raw(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// The counters of a module from `GET /api/modules`.
+    pub fn counters(&self, module: &str) -> serde_json::Value {
+        let modules = self.get("/api/modules");
+        modules
+            .as_array()
+            .and_then(|all| all.iter().find(|m| m["id"] == module))
+            .map(|m| m["counters"].clone())
+            .unwrap_or_else(|| panic!("no module {module} in {modules}"))
+    }
+
+    /// Polls a module's counters until `done` holds (bounded), returning the last ones.
+    pub fn wait_for_counters(
+        &self,
+        module: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let counters = self.counters(module);
+            if done(&counters) || Instant::now() >= deadline {
+                return counters;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns whether it exited with success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for ksm") {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("ksm did not stop within 30 s of SIGTERM:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the same host again (same config, storage and client ID).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the host before restarting it");
+        self.spawn();
+    }
+}
+
+impl Drop for Ksm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn admin_addr(config: &str) -> SocketAddr {
+    let line = config
+        .lines()
+        .find(|l| l.starts_with("listen = "))
+        .expect("the config has an admin listen address");
+    line.trim_start_matches("listen = ")
+        .trim_matches('"')
+        .parse()
+        .expect("a socket address")
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP head in {response:?}")))?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
+    Ok((status, body.to_owned()))
+}
+
+/// Runs `ksm` with arguments and returns (success, stdout, stderr).
+pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(ksm_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ksm");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

@@ -1,0 +1,133 @@
+//! The artifacts under test: the guest component and the host binary, built at most once per
+//! test process with the same cargo that runs the tests.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root (the parent of this crate's directory).
+pub fn workspace_root() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        manifest
+            .parent()
+            .expect("tests/ has a parent directory")
+            .to_path_buf()
+    })
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` if set, else `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
+
+/// True for the variables cargo sets for the test process itself (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_NAME`, ...). A nested cargo must not see them: build scripts that read them
+/// (ring's, for one) would be rerun, and every crate above them rebuilt, twice per test run.
+fn set_by_cargo_for_this_crate(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    NAMES.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_")
+}
+
+/// Runs `cargo <args>` in the workspace root (with `$CARGO` if set) in the environment the
+/// test run was started with, panicking with the command line if it fails.
+fn cargo(args: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(set_by_cargo_for_this_crate) {
+            command.env_remove(name);
+        }
+    }
+    let status = command
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .unwrap_or_else(|e| panic!("run {cargo:?} {}: {e}", args.join(" ")));
+    assert!(
+        status.success(),
+        "`cargo {}` failed ({status}); see its output above",
+        args.join(" ")
+    );
+}
+
+/// The reference guest component, `target/wasm32-wasip2/release/ksm_guest.wasm`, built once
+/// per test process with `cargo build --release --target wasm32-wasip2 -p ksm-guest` (a
+/// no-op when it is up to date).
+///
+/// Set `KSM_GUEST_WASM` to a path to use that file instead and skip the build.
+pub fn guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("KSM_GUEST_WASM") {
+                let path = PathBuf::from(path);
+                assert!(
+                    path.is_file(),
+                    "KSM_GUEST_WASM={} does not exist",
+                    path.display()
+                );
+                return path;
+            }
+            cargo(&[
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "-p",
+                "ksm-guest",
+            ]);
+            let path = target_dir().join("wasm32-wasip2/release/ksm_guest.wasm");
+            assert!(
+                path.is_file(),
+                "the guest build succeeded but {} is missing (is the target wasm32-wasip2 \
+                 installed? `rustup target add wasm32-wasip2`)",
+                path.display()
+            );
+            path
+        })
+        .clone()
+}
+
+/// The host binary `ksm` in the dev profile, `target/debug/ksm`, built once per test process
+/// with `cargo build -p ksm-host --bin ksm` (a no-op when it is up to date), for tests that
+/// run the host as a process.
+///
+/// Set `KSM_BINARY` to a path to use that file instead and skip the build.
+pub fn ksm_binary() -> PathBuf {
+    static HOST: OnceLock<PathBuf> = OnceLock::new();
+    HOST.get_or_init(|| {
+        if let Some(path) = std::env::var_os("KSM_BINARY") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "KSM_BINARY={} does not exist",
+                path.display()
+            );
+            return path;
+        }
+        cargo(&["build", "-p", "ksm-host", "--bin", "ksm"]);
+        let path = target_dir().join("debug/ksm");
+        assert!(
+            path.is_file(),
+            "the host build succeeded but {} is missing",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}

@@ -1,0 +1,230 @@
+//! MQTT 5 clients for tests (rumqttc): publish and wait for every acknowledgement, subscribe
+//! and receive.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use tokio::sync::mpsc;
+
+/// The largest packet the test clients send or accept (the broker's default is unlimited).
+const MAX_PACKET_SIZE: u32 = 256 * 1024 * 1024;
+
+/// How long [`publish_all`] may take per message, on top of a fixed allowance.
+const PER_MESSAGE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The fixed allowance for connecting and publishing.
+const BASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Splits `mqtt://host:port` (or `tcp://`, or a bare `host:port`) into host and port.
+pub fn parse_url(url: &str) -> (String, u16) {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    let rest = rest.split(['/', '?']).next().unwrap_or(rest);
+    match rest.rsplit_once(':') {
+        Some((host, port)) => (
+            host.to_owned(),
+            port.parse()
+                .unwrap_or_else(|e| panic!("bad port in MQTT url {url:?}: {e}")),
+        ),
+        None => (rest.to_owned(), 1883),
+    }
+}
+
+/// Options for a test client with a unique id, clean start, and large packets allowed.
+pub fn options(url: &str, client_id_prefix: &str) -> MqttOptions {
+    let (host, port) = parse_url(url);
+    let mut options = MqttOptions::new(crate::unique_name(client_id_prefix), host, port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_start(true)
+        .set_max_packet_size(Some(MAX_PACKET_SIZE));
+    options
+}
+
+/// Publishes every `(topic, payload)` with QoS 1 over one MQTT 5 connection and returns once
+/// the broker has acknowledged all of them (`PUBACK` success or "no matching subscribers").
+///
+/// Panics if the broker cannot be reached, rejects a message, or does not acknowledge all
+/// within 30 s plus 100 ms per message.
+pub async fn publish_all<T, P>(url: &str, messages: &[(T, P)])
+where
+    T: AsRef<str>,
+    P: AsRef<[u8]>,
+{
+    let owned: Vec<(String, Vec<u8>)> = messages
+        .iter()
+        .map(|(t, p)| (t.as_ref().to_owned(), p.as_ref().to_vec()))
+        .collect();
+    let expected = owned.len();
+    if expected == 0 {
+        return;
+    }
+    let timeout = BASE_TIMEOUT + PER_MESSAGE_TIMEOUT * u32::try_from(expected).unwrap_or(u32::MAX);
+    let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-pub"), 64);
+
+    let publish = async {
+        for (topic, payload) in owned {
+            client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap_or_else(|e| panic!("queue MQTT publish to {topic}: {e}"));
+        }
+    };
+    let acks = async {
+        let mut acked = 0;
+        while acked < expected {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => acked += 1,
+                    other => panic!("broker {url} rejected publish {}: {other:?}", ack.pkid),
+                },
+                Ok(_) => {}
+                Err(e) => panic!("MQTT connection to {url} failed after {acked} PUBACKs: {e}"),
+            }
+        }
+    };
+    let both = async { tokio::join!(publish, acks) };
+    if tokio::time::timeout(timeout, both).await.is_err() {
+        panic!("broker {url} did not acknowledge {expected} publishes within {timeout:?}");
+    }
+    disconnect(&client, &mut eventloop).await;
+}
+
+/// Sends DISCONNECT and drives the event loop until the connection closes (at most 2 s).
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.disconnect().await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+/// A message received by a [`Subscriber`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    /// The topic it was published to.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// An MQTT 5 client subscribed to one topic filter with QoS 1; its event loop runs in a Tokio
+/// task until the subscriber is dropped.
+#[derive(Debug)]
+pub struct Subscriber {
+    client: AsyncClient,
+    messages: mpsc::UnboundedReceiver<ReceivedMessage>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects to `url`, subscribes to `filter` and returns once the broker sent `SUBACK`.
+    pub async fn subscribe(url: &str, filter: &str) -> Subscriber {
+        let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-sub"), 64);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap_or_else(|e| panic!("queue MQTT subscribe to {filter}: {e}"));
+        let wait_suback = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => return ack,
+                    Ok(_) => {}
+                    Err(e) => panic!("MQTT connection to {url} failed while subscribing: {e}"),
+                }
+            }
+        };
+        let ack = tokio::time::timeout(BASE_TIMEOUT, wait_suback)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no SUBACK from {url} for {filter} within {BASE_TIMEOUT:?}")
+            });
+        assert!(
+            ack.return_codes.iter().all(|c| matches!(
+                c,
+                rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+            )),
+            "broker {url} refused subscription to {filter}: {:?}",
+            ack.return_codes
+        );
+        let (tx, messages) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let message = ReceivedMessage {
+                            topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                            payload: publish.payload.to_vec(),
+                        };
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Subscriber {
+            client,
+            messages,
+            task,
+        }
+    }
+
+    /// The next message, or `None` if none arrives within `timeout`.
+    pub async fn recv(&mut self, timeout: Duration) -> Option<ReceivedMessage> {
+        tokio::time::timeout(timeout, self.messages.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Collects messages until `n` arrived or `timeout` passed; returns what arrived.
+    pub async fn recv_n(&mut self, n: usize, timeout: Duration) -> Vec<ReceivedMessage> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv(left).await {
+                Some(message) => out.push(message),
+                None => break,
+            }
+        }
+        out
+    }
+
+    /// The underlying client, e.g. to publish from the same connection.
+    pub fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_url;
+
+    #[test]
+    fn parses_broker_urls() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:18830"),
+            ("127.0.0.1".into(), 18830)
+        );
+        assert_eq!(parse_url("tcp://localhost:1"), ("localhost".into(), 1));
+        assert_eq!(parse_url("mqtt://broker"), ("broker".into(), 1883));
+        assert_eq!(parse_url("127.0.0.1:9/x"), ("127.0.0.1".into(), 9));
+    }
+}
