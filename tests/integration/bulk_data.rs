@@ -1,33 +1,20 @@
 //! Bulk data: MessagePack payloads unpacked into records, refused payloads
 //! kept as dead letters with ERROR log entries.
 
-use std::time::Duration;
+use ksm_tests::read_all_records;
 
-use ksm_tests::{
-    Mosquitto, Moto, aws_env, create_stream, kinesis_client, publish_all, read_all_records,
-    unique_stream_name, wait_for_records,
-};
-
-use crate::support::{Ksm, config, module};
+use crate::support::{Bench, module};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("bulk");
-    create_stream(&kinesis, &stream, 2).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-bulk",
-            &[module(
-                "telemetry",
-                &stream,
-                "bulk_data_label = \"telemetry\"\nmax_record_size = 100",
-            )],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    let bench = Bench::new("bulk", 2).await;
+    let host = bench.ksm(
+        "ksm-bulk",
+        &[module(
+            "telemetry",
+            &bench.stream,
+            "bulk_data_label = \"telemetry\"\nmax_record_size = 100",
+        )],
     );
 
     let good: Vec<Vec<u8>> = (0..20)
@@ -46,9 +33,8 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
         payload
     };
 
-    publish_all(
-        &broker.url(),
-        &[
+    bench
+        .publish(&[
             (
                 "/devices/1001/bulkData/telemetry",
                 ksm_host::bulk::encode(&good),
@@ -68,9 +54,8 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
                 "/devices/1001/bulkData/telemetry",
                 ksm_host::bulk::encode::<[&[u8]; 0]>([]),
             ),
-        ],
-    )
-    .await;
+        ])
+        .await;
 
     // 20 good records, then small-1, small-2 and the empty record of the oversize payload.
     let counters =
@@ -83,7 +68,7 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
         "other label and the empty payload: {counters}"
     );
 
-    let records = wait_for_records(&kinesis, &stream, 23, Duration::from_secs(10)).await;
+    let records = bench.records(23).await;
     assert_eq!(records.len(), 23);
     assert!(records.iter().all(|r| r.partition_key == "1001"));
     let data: Vec<Vec<u8>> = records.iter().map(|r| r.data.clone()).collect();
@@ -146,27 +131,25 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
     assert_eq!(status, 404);
 
     // Nothing was forwarded for the other label.
-    assert_eq!(read_all_records(&kinesis, &stream).await.len(), 23);
+    assert_eq!(
+        read_all_records(&bench.kinesis, &bench.stream).await.len(),
+        23
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_that_are_not_mode_events_become_dead_letters() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("bad-events");
-    create_stream(&kinesis, &stream, 1).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-bad-events",
-            &[module("events", &stream, "subscribe_events = [\"*\"]")],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    let bench = Bench::new("bad-events", 1).await;
+    let host = bench.ksm(
+        "ksm-bad-events",
+        &[module(
+            "events",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
     );
-    publish_all(
-        &broker.url(),
-        &[
+    bench
+        .publish(&[
             ("/devices/1001/event", "not json".to_owned()),
             ("/devices/1001/event", r#"{"eventData":{}}"#.to_owned()),
             (
@@ -181,9 +164,8 @@ async fn events_that_are_not_mode_events_become_dead_letters() {
                 "/devices/1001/event",
                 r#"{"eventType":"ok","eventData":{}}"#.to_owned(),
             ),
-        ],
-    )
-    .await;
+        ])
+        .await;
     let counters = host.wait_for_counters("events", |c| c["forwarded"] == 1 && c["rejected"] == 4);
     assert_eq!(counters["rejected"], 4, "{counters}\n{}", host.log());
     let letters = host.get("/api/modules/events/dead-letters");
@@ -203,7 +185,7 @@ async fn events_that_are_not_mode_events_become_dead_letters() {
         reasons[3].contains("abc"),
         "bad device ID in the topic: {reasons:?}"
     );
-    let records = read_all_records(&kinesis, &stream).await;
+    let records = read_all_records(&bench.kinesis, &bench.stream).await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].data_json()["eventType"], "ok");
 }

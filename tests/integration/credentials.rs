@@ -1,45 +1,31 @@
 //! Credentials: the module's role is assumed through STS with its external
 //! ID, and PutRecords is signed with the assumed credentials.
 
-use std::time::Duration;
+use ksm_tests::RecordingProxy;
 
-use ksm_tests::{
-    Mosquitto, Moto, RecordingProxy, aws_env, create_stream, kinesis_client, publish_all,
-    unique_stream_name, wait_for_records,
-};
-
-use crate::support::{Ksm, config, module};
+use crate::support::{Bench, module};
 
 const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/ksm-writer";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_role_is_assumed_with_the_external_id() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.endpoint());
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("assumed");
-    create_stream(&kinesis, &stream, 1).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-sts",
-            &[module(
-                "with-role",
-                &stream,
-                &format!(
-                    "subscribe_events = [\"*\"]\nrole_arn = \"{ROLE_ARN}\"\nexternal_id = \"ext-42\""
-                ),
-            )],
-        ),
-        aws_env(&proxy.endpoint(), &proxy.endpoint()),
+    let bench = Bench::new("assumed", 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    let host = bench.ksm_via(
+        &proxy.endpoint(),
+        "ksm-sts",
+        &[module(
+            "with-role",
+            &bench.stream,
+            &format!(
+                "subscribe_events = [\"*\"]\nrole_arn = \"{ROLE_ARN}\"\nexternal_id = \"ext-42\""
+            ),
+        )],
     );
-    publish_all(
-        &broker.url(),
-        &[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)],
-    )
-    .await;
-    let records = wait_for_records(&kinesis, &stream, 1, Duration::from_secs(30)).await;
+    bench
+        .publish(&[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)])
+        .await;
+    let records = bench.records(1).await;
     assert_eq!(records.len(), 1, "{}", host.log());
 
     let assume = proxy.requests_for("AssumeRole");
@@ -75,26 +61,21 @@ async fn the_role_is_assumed_with_the_external_id() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_role_the_default_credentials_are_used() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.endpoint());
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("default-creds");
-    create_stream(&kinesis, &stream, 1).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-default-creds",
-            &[module("no-role", &stream, "subscribe_events = [\"*\"]")],
-        ),
-        aws_env(&proxy.endpoint(), &proxy.endpoint()),
+    let bench = Bench::new("default-creds", 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    let host = bench.ksm_via(
+        &proxy.endpoint(),
+        "ksm-default-creds",
+        &[module(
+            "no-role",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
     );
-    publish_all(
-        &broker.url(),
-        &[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)],
-    )
-    .await;
-    let records = wait_for_records(&kinesis, &stream, 1, Duration::from_secs(30)).await;
+    bench
+        .publish(&[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)])
+        .await;
+    let records = bench.records(1).await;
     assert_eq!(records.len(), 1, "{}", host.log());
     assert!(proxy.requests_for("AssumeRole").is_empty());
     let puts = proxy.requests_for("PutRecords");

@@ -3,32 +3,24 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ksm_tests::{
-    Mosquitto, Moto, aws_env, create_stream, kinesis_client, publish_all, read_all_records,
-    unique_stream_name, wait_for_records,
-};
+use ksm_tests::{create_stream, read_all_records, unique_stream_name, wait_for_records};
 
-use crate::support::{Ksm, config, module};
+use crate::support::{Bench, module};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn device_and_home_events_land_as_mode_events() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("events");
-    create_stream(&kinesis, &stream, 2).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-events",
-            &[module("all-events", &stream, "subscribe_events = [\"*\"]")],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    let bench = Bench::new("events", 2).await;
+    let host = bench.ksm(
+        "ksm-events",
+        &[module(
+            "all-events",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
     );
 
-    publish_all(
-        &broker.url(),
-        &[
+    bench
+        .publish(&[
             (
                 "/devices/1001/event",
                 r#"{"eventType":"temperature","eventData":{"celsius":21.5}}"#,
@@ -41,11 +33,10 @@ async fn device_and_home_events_land_as_mode_events() {
                 "/homes/77/event",
                 r#"{"eventType":"alarm","eventData":{"armed":false}}"#,
             ),
-        ],
-    )
-    .await;
+        ])
+        .await;
 
-    let records = wait_for_records(&kinesis, &stream, 3, Duration::from_secs(30)).await;
+    let records = bench.records(3).await;
     assert_eq!(records.len(), 3, "records: {records:?}\n{}", host.log());
 
     let by_type = |t: &str| {
@@ -111,27 +102,20 @@ async fn device_and_home_events_land_as_mode_events() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn only_subscribed_event_types_are_forwarded() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let wanted = unique_stream_name("filtered");
+    let bench = Bench::new("filtered", 1).await;
+    let kinesis = &bench.kinesis;
     let everything = unique_stream_name("everything");
-    create_stream(&kinesis, &wanted, 1).await;
-    create_stream(&kinesis, &everything, 1).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-filters",
-            &[
-                module(
-                    "doors-only",
-                    &wanted,
-                    "subscribe_events = [\"door\", \"温度\"]",
-                ),
-                module("all", &everything, "subscribe_events = [\"*\"]"),
-            ],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    create_stream(kinesis, &everything, 1).await;
+    let host = bench.ksm(
+        "ksm-filters",
+        &[
+            module(
+                "doors-only",
+                &bench.stream,
+                "subscribe_events = [\"door\", \"温度\"]",
+            ),
+            module("all", &everything, "subscribe_events = [\"*\"]"),
+        ],
     );
 
     let messages: Vec<(String, String)> = ["door", "window", "Door", "温度", "door"]
@@ -143,12 +127,12 @@ async fn only_subscribed_event_types_are_forwarded() {
             )
         })
         .collect();
-    publish_all(&broker.url(), &messages).await;
+    bench.publish(&messages).await;
 
-    let all = wait_for_records(&kinesis, &everything, 5, Duration::from_secs(30)).await;
+    let all = wait_for_records(kinesis, &everything, 5, Duration::from_secs(30)).await;
     assert_eq!(all.len(), 5, "{}", host.log());
     host.wait_for_counters("doors-only", |c| c["received"] == 5 && c["forwarded"] == 3);
-    let filtered = read_all_records(&kinesis, &wanted).await;
+    let filtered = read_all_records(kinesis, &bench.stream).await;
     let types: Vec<String> = filtered
         .iter()
         .map(|r| {
@@ -169,27 +153,18 @@ async fn only_subscribed_event_types_are_forwarded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn use_uuid_gives_every_record_a_fresh_uuid_v4_key() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("uuid");
-    create_stream(&kinesis, &stream, 4).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-uuid",
-            &[module(
-                "uuid-keys",
-                &stream,
-                "subscribe_events = [\"*\"]\nbulk_data_label = \"raw\"\nuse_uuid = true",
-            )],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    let bench = Bench::new("uuid", 4).await;
+    let host = bench.ksm(
+        "ksm-uuid",
+        &[module(
+            "uuid-keys",
+            &bench.stream,
+            "subscribe_events = [\"*\"]\nbulk_data_label = \"raw\"\nuse_uuid = true",
+        )],
     );
     let bulk = ksm_host::bulk::encode([b"a".as_slice(), b"b", b"c"]);
-    publish_all(
-        &broker.url(),
-        &[
+    bench
+        .publish(&[
             (
                 "/devices/1001/event",
                 br#"{"eventType":"x","eventData":{}}"#.to_vec(),
@@ -199,10 +174,9 @@ async fn use_uuid_gives_every_record_a_fresh_uuid_v4_key() {
                 br#"{"eventType":"y","eventData":{}}"#.to_vec(),
             ),
             ("/devices/1001/bulkData/raw", bulk),
-        ],
-    )
-    .await;
-    let records = wait_for_records(&kinesis, &stream, 5, Duration::from_secs(30)).await;
+        ])
+        .await;
+    let records = bench.records(5).await;
     assert_eq!(records.len(), 5, "{}", host.log());
     let keys: HashSet<&str> = records.iter().map(|r| r.partition_key.as_str()).collect();
     assert_eq!(keys.len(), 5, "every key is fresh: {keys:?}");

@@ -4,12 +4,9 @@
 
 use std::time::Duration;
 
-use ksm_tests::{
-    Mosquitto, Moto, RecordingProxy, aws_env, create_stream, kinesis_client, publish_all,
-    read_all_records, unique_stream_name, wait_for_records,
-};
+use ksm_tests::{RecordingProxy, create_stream, read_all_records};
 
-use crate::support::{Ksm, config, module};
+use crate::support::{Bench, module};
 
 const THROTTLED: &str =
     r#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard"}"#;
@@ -17,33 +14,24 @@ const ONE_RECORD_THROTTLED: &str = r#"{"FailedRecordCount":1,"Records":[{"ErrorC
 
 #[tokio::test(flavor = "multi_thread")]
 async fn throttled_records_are_retried_and_the_log_says_what_to_do() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let proxy = RecordingProxy::start(&moto.endpoint());
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("throttled");
-    create_stream(&kinesis, &stream, 1).await;
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-throttled",
-            &[module("busy", &stream, "subscribe_events = [\"*\"]")],
-        ),
-        aws_env(&proxy.endpoint(), &proxy.endpoint()),
+    let bench = Bench::new("throttled", 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    let host = bench.ksm_via(
+        &proxy.endpoint(),
+        "ksm-throttled",
+        &[module("busy", &bench.stream, "subscribe_events = [\"*\"]")],
     );
     // Two requests throttled whole, then one answered 200 with its only record failed.
     proxy.inject_error("PutRecords", 2, 400, THROTTLED);
     proxy.inject_error("PutRecords", 1, 200, ONE_RECORD_THROTTLED);
 
-    publish_all(
-        &broker.url(),
-        &[(
+    bench
+        .publish(&[(
             "/devices/1001/event",
             r#"{"eventType":"t","eventData":{"n":1}}"#,
-        )],
-    )
-    .await;
-    let records = wait_for_records(&kinesis, &stream, 1, Duration::from_secs(30)).await;
+        )])
+        .await;
+    let records = bench.records(1).await;
     assert_eq!(records.len(), 1, "{}", host.log());
     let counters = host.wait_for_counters("busy", |c| c["forwarded"] == 1);
     assert_eq!(counters["throttled"], 3, "{counters}");
@@ -62,28 +50,26 @@ async fn throttled_records_are_retried_and_the_log_says_what_to_do() {
     );
     // Nothing more arrives later: the record was put exactly once.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(read_all_records(&kinesis, &stream).await.len(), 1);
+    assert_eq!(
+        read_all_records(&bench.kinesis, &bench.stream).await.len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn data_for_a_missing_stream_waits_until_the_stream_exists() {
-    let broker = Mosquitto::start();
-    let moto = Moto::start();
-    let kinesis = kinesis_client(&moto.endpoint()).await;
-    let stream = unique_stream_name("late-stream");
-    let host = Ksm::start(
-        &config(
-            &broker.url(),
-            "ksm-late-stream",
-            &[module("patient", &stream, "subscribe_events = [\"*\"]")],
-        ),
-        aws_env(&moto.endpoint(), &moto.endpoint()),
+    let bench = Bench::without_stream("late-stream").await;
+    let host = bench.ksm(
+        "ksm-late-stream",
+        &[module(
+            "patient",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
     );
-    publish_all(
-        &broker.url(),
-        &[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)],
-    )
-    .await;
+    bench
+        .publish(&[("/devices/1001/event", r#"{"eventType":"t","eventData":{}}"#)])
+        .await;
 
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let errors = loop {
@@ -100,7 +86,7 @@ async fn data_for_a_missing_stream_waits_until_the_stream_exists() {
     );
     assert_eq!(host.counters("patient")["forwarded"], 0);
 
-    create_stream(&kinesis, &stream, 1).await;
-    let records = wait_for_records(&kinesis, &stream, 1, Duration::from_secs(30)).await;
+    create_stream(&bench.kinesis, &bench.stream, 1).await;
+    let records = bench.records(1).await;
     assert_eq!(records.len(), 1, "{}", host.log());
 }

@@ -6,10 +6,73 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ksm_tests::{TempDir, free_port, guest_wasm, ksm_binary};
+use ksm_tests::{
+    Mosquitto, Moto, ReadRecord, TempDir, aws_env, create_stream, free_port, guest_wasm,
+    kinesis_client, ksm_binary, publish_all, unique_stream_name, wait_for_records,
+};
 
 /// How long a host may take to start answering its admin API.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a test waits for records to land.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The usual test bench: a broker, moto, a Kinesis client on moto and one fresh stream.
+pub struct Bench {
+    /// The broker.
+    pub broker: Mosquitto,
+    /// The emulator.
+    pub moto: Moto,
+    /// A client reading and creating streams in moto.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// The stream created for this test.
+    pub stream: String,
+}
+
+impl Bench {
+    /// Starts a broker and moto and creates a stream `{prefix}-...` with `shards` shards.
+    pub async fn new(prefix: &str, shards: i32) -> Bench {
+        let bench = Bench::without_stream(prefix).await;
+        create_stream(&bench.kinesis, &bench.stream, shards).await;
+        bench
+    }
+
+    /// Like [`Bench::new`], but the stream is only named, not created.
+    pub async fn without_stream(prefix: &str) -> Bench {
+        let broker = Mosquitto::start();
+        let moto = Moto::start();
+        let kinesis = kinesis_client(&moto.endpoint()).await;
+        Bench {
+            broker,
+            moto,
+            kinesis,
+            stream: unique_stream_name(prefix),
+        }
+    }
+
+    /// Starts `ksm` with `modules`, talking to moto directly.
+    pub fn ksm(&self, client_id: &str, modules: &[ModuleSpec]) -> Ksm {
+        self.ksm_via(&self.moto.endpoint(), client_id, modules)
+    }
+
+    /// Starts `ksm` with `modules`, reaching Kinesis and STS through `endpoint`.
+    pub fn ksm_via(&self, endpoint: &str, client_id: &str, modules: &[ModuleSpec]) -> Ksm {
+        Ksm::start(
+            &config(&self.broker.url(), client_id, modules),
+            aws_env(endpoint, endpoint),
+        )
+    }
+
+    /// Publishes with QoS 1 and waits for the broker's acknowledgements.
+    pub async fn publish<T: AsRef<str>, P: AsRef<[u8]>>(&self, messages: &[(T, P)]) {
+        publish_all(&self.broker.url(), messages).await;
+    }
+
+    /// Waits (bounded) until `n` records are in the test stream and returns all of them.
+    pub async fn records(&self, n: usize) -> Vec<ReadRecord> {
+        wait_for_records(&self.kinesis, &self.stream, n, RECORD_TIMEOUT).await
+    }
+}
 
 /// One module section of a test configuration.
 pub struct ModuleSpec {
