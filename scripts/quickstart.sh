@@ -45,6 +45,13 @@ show_log() {
     tail -n 40 "$1" >&2 || true
 }
 
+# Pretty-prints JSON from stdin (or passes it through if it is not JSON).
+pretty() {
+    local text
+    text="$(cat)"
+    python3 -m json.tool <<<"$text" 2>/dev/null || printf '%s\n' "$text"
+}
+
 port_is_free() {
     python3 -c 'import socket, sys
 s = socket.socket()
@@ -153,9 +160,8 @@ env AWS_ENDPOINT_URL="$MOTO" \
     "$KSM" run --config "$CONFIG" >"$WORK/ksm.log" 2>&1 &
 KSM_PID="$!"
 PIDS+=("$KSM_PID")
-wait_for "ksm admin API" "$KSM_PID" "$WORK/ksm.log" curl -sf "http://$ADMIN/api/modules"
-curl -s "http://$ADMIN/api/modules"
-echo
+wait_for "ksm to connect and subscribe" "$KSM_PID" "$WORK/ksm.log" curl -sf "http://$ADMIN/api/health"
+curl -s "http://$ADMIN/api/modules" | pretty
 
 say "publish a device event, a home event and a bulk-data payload (MQTT 5, QoS 1)"
 pub() { mosquitto_pub -V mqttv5 -q 1 -h 127.0.0.1 -p "$MQTT_PORT" -i "ksm-quickstart-pub" "$@"; }
@@ -176,7 +182,6 @@ if ! "${TOOL[@]}" --endpoint "$MOTO" read "$STREAM" --wait-for 5 --timeout 30; t
 fi
 
 say "the module's log (GET /api/modules/$MODULE/logs)"
-curl -s "http://$ADMIN/api/modules/$MODULE/logs"
-echo
+curl -s "http://$ADMIN/api/modules/$MODULE/logs" | pretty
 
 say "done: stopping ksm, moto and Mosquitto"
