@@ -267,18 +267,8 @@ impl KinesisSink {
         }
     }
 
-    /// Takes the next batch from the head of the queue, within the request limits.
     fn take_batch(&mut self) -> Vec<SinkRecord> {
-        let mut bytes = 0;
-        let mut count = 0;
-        for record in &self.queue {
-            if count == MAX_RECORDS_PER_REQUEST || bytes + record.size() > MAX_BYTES_PER_REQUEST {
-                break;
-            }
-            bytes += record.size();
-            count += 1;
-        }
-        self.queue.drain(..count).collect()
+        take_batch(&mut self.queue)
     }
 
     /// Sends one batch; returns how long to wait before the next attempt
@@ -417,16 +407,102 @@ impl KinesisSink {
         }
     }
 
-    /// Capped exponential backoff with full jitter.
     fn backoff(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let exponent = self.failures.min(20) - 1;
-        let ceiling = self
-            .config
-            .retry_base_ms
-            .saturating_mul(1 << exponent)
-            .min(self.config.retry_max_ms);
-        let ms = rand::rng().random_range(ceiling / 2..=ceiling);
-        Duration::from_millis(ms)
+        retry_delay(
+            self.failures,
+            self.config.retry_base_ms,
+            self.config.retry_max_ms,
+        )
+    }
+}
+
+/// Takes the next batch from the head of the queue, within the request
+/// limits (the 500-record and 5 MiB limits of one PutRecords request).
+fn take_batch(queue: &mut VecDeque<SinkRecord>) -> Vec<SinkRecord> {
+    let mut bytes = 0;
+    let mut count = 0;
+    for record in queue.iter() {
+        if count == MAX_RECORDS_PER_REQUEST || bytes + record.size() > MAX_BYTES_PER_REQUEST {
+            break;
+        }
+        bytes += record.size();
+        count += 1;
+    }
+    queue.drain(..count).collect()
+}
+
+/// The delay before retry number `failures` (from 1): exponential from
+/// `base_ms`, capped at `max_ms`, with jitter over its upper half.
+fn retry_delay(failures: u32, base_ms: u64, max_ms: u64) -> Duration {
+    let exponent = failures.clamp(1, 21) - 1;
+    let ceiling = base_ms.saturating_mul(1 << exponent).min(max_ms);
+    Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(len: usize, key: &str) -> SinkRecord {
+        SinkRecord {
+            data: Bytes::from(vec![0u8; len]),
+            partition_key: key.to_owned(),
+            explicit_hash_key: None,
+            topic: "/devices/1/event".into(),
+            settlement: Settlement::new(None),
+        }
+    }
+
+    #[test]
+    fn batches_hold_at_most_500_records() {
+        let mut queue: VecDeque<_> = (0..1201).map(|_| record(10, "k")).collect();
+        let sizes: Vec<usize> = std::iter::from_fn(|| {
+            let batch = take_batch(&mut queue);
+            (!batch.is_empty()).then_some(batch.len())
+        })
+        .collect();
+        assert_eq!(sizes, [500, 500, 201]);
+    }
+
+    #[test]
+    fn batches_hold_at_most_5_mib_counting_keys() {
+        let mut queue: VecDeque<_> = (0..6)
+            .map(|_| record(MAX_RECORD_BYTES - 4, "1001"))
+            .collect();
+        assert_eq!(take_batch(&mut queue).len(), 5, "exactly 5 MiB fits");
+        let mut queue: VecDeque<_> = (0..6)
+            .map(|_| record(MAX_RECORD_BYTES - 3, "1001"))
+            .collect();
+        assert_eq!(take_batch(&mut queue).len(), 4, "one byte more does not");
+    }
+
+    #[test]
+    fn records_are_checked_against_kinesis_limits() {
+        assert!(record(MAX_RECORD_BYTES - 4, "1001").check().is_ok());
+        assert!(record(MAX_RECORD_BYTES - 3, "1001").check().is_err());
+        assert!(record(1, "").check().is_err());
+        assert!(
+            record(1, &"ü".repeat(256)).check().is_ok(),
+            "256 characters, 512 bytes"
+        );
+        assert!(record(1, &"k".repeat(257)).check().is_err());
+        let mut hashed = record(1, "k");
+        hashed.explicit_hash_key = Some("340282366920938463463374607431768211455".into());
+        assert!(hashed.check().is_ok());
+        hashed.explicit_hash_key = Some("0x10".into());
+        assert!(hashed.check().is_err());
+    }
+
+    #[test]
+    fn retry_delays_grow_and_are_capped() {
+        for _ in 0..100 {
+            let first = retry_delay(1, 100, 10_000).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let fourth = retry_delay(4, 100, 10_000).as_millis();
+            assert!((400..=800).contains(&fourth), "{fourth}");
+            let late = retry_delay(40, 100, 10_000).as_millis();
+            assert!((5_000..=10_000).contains(&late), "{late}");
+        }
     }
 }
