@@ -13,7 +13,11 @@ STREAM="ksm-quickstart"
 MODULE="sensor-stream"
 ADMIN="127.0.0.1:8686"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-KSM="$TARGET/release/ksm"
+# The host is built in the dev profile, as the tests build it: the heavy dependencies
+# are optimised there too (opt-level 2), and the quickstart and the tests then share one
+# build instead of compiling wasmtime and the AWS SDK twice. Production builds use
+# `cargo build --release -p ksm-host`.
+KSM="$TARGET/debug/ksm"
 GUEST="$TARGET/wasm32-wasip2/release/ksm_guest.wasm"
 TOOL=(python3 "$ROOT/scripts/kinesis_tool.py")
 
@@ -88,9 +92,9 @@ wait_for() {
 say "setup (installs what is missing)"
 bash scripts/setup.sh
 
-say "build the guest component and the host (release)"
+say "build the guest component and the host"
 cargo build --release --target wasm32-wasip2 -p ksm-guest
-cargo build --release -p ksm-host --bin ksm
+cargo build -p ksm-host --bin ksm
 
 port_is_free 8686 || die "the admin port 8686 is in use (another ksm running?)"
 
