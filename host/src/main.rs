@@ -8,6 +8,10 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ksm_host::config::{Config, ConfigError};
+use ksm_host::runtime::{GuestLimits, Runtime};
+
+/// Deadline of one guest call during `ksm conformance`.
+const CONFORMANCE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +32,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a configuration file and list every problem in it.
+    /// Check a configuration file and list every problem in it; also check
+    /// that the component loads.
     Validate {
         /// Configuration file (TOML).
         #[arg(long, short)]
@@ -80,6 +85,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Validate { config: path } => match Config::load(&path) {
             Ok(config) => {
+                // The settings are valid; the component must load and fit the world too.
+                if let Err(error) = Runtime::load(&config.component.path) {
+                    eprintln!("{}:\n  - component.path: {error}", path.display());
+                    return Ok(ExitCode::FAILURE);
+                }
                 println!(
                     "{}: valid ({} module(s), {} device(s))",
                     path.display(),
@@ -143,7 +153,13 @@ async fn shutdown_signal() {
 /// Runs the conformance cases against a component; fails if any case fails.
 fn conformance(component: &std::path::Path, cases: Option<&std::path::Path>) -> Result<ExitCode> {
     use ksm_host::conformance;
-    let runtime = ksm_host::runtime::Runtime::load(component)?;
+    // Conformance checks what a guest does, not how fast: a generous deadline
+    // keeps a loaded machine from failing cases.
+    let limits = GuestLimits {
+        call_timeout: CONFORMANCE_CALL_TIMEOUT,
+        ..GuestLimits::default()
+    };
+    let runtime = Runtime::load_with(component, limits)?;
     let dir = cases.map_or_else(conformance::default_cases_dir, std::path::Path::to_owned);
     let cases = conformance::load_cases(&dir)?;
     let report = conformance::run_all(&runtime, &cases);

@@ -293,10 +293,12 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
-/// Runs `ksm` with arguments and returns (success, stdout, stderr).
+/// Runs `ksm` with arguments in the workspace root (where the example
+/// configs' relative paths point) and returns (success, stdout, stderr).
 pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(ksm_binary())
         .args(args)
+        .current_dir(ksm_tests::workspace_root())
         .stdin(Stdio::null())
         .output()
         .expect("run ksm");

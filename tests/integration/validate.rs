@@ -44,7 +44,30 @@ surprise = true
 }
 
 #[test]
+fn validate_loads_the_component() {
+    let dir = TempDir::new("validate-component");
+    let path = dir.path().join("no-component.toml");
+    let example =
+        std::fs::read_to_string(workspace_root().join("examples/quickstart.toml")).unwrap();
+    std::fs::write(
+        &path,
+        example.replace(
+            "target/wasm32-wasip2/release/ksm_guest.wasm",
+            "/nonexistent/guest.wasm",
+        ),
+    )
+    .unwrap();
+    let (ok, _, stderr) = ksm_command(&["validate", "--config", path.to_str().unwrap()]);
+    assert!(!ok, "a missing component must fail validation");
+    assert!(
+        stderr.contains("component.path") && stderr.contains("/nonexistent/guest.wasm"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn the_example_configs_validate() {
+    guest_wasm();
     let examples = workspace_root().join("examples");
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();

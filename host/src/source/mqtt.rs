@@ -97,9 +97,12 @@ impl MqttSource {
                     }
                     Err(error) => {
                         self.status.disconnected();
-                        self.log_all(Level::Warn, &format!(
+                        let message = format!(
                             "lost the connection to the MQTT broker ({error}); reconnecting"
-                        ));
+                        );
+                        for module in self.modules.iter() {
+                            module.log.write_limited("mqtt-connection", Level::Warn, &message);
+                        }
                         tokio::time::sleep(RECONNECT_DELAY).await;
                     }
                 },
@@ -188,9 +191,6 @@ impl MqttSource {
     }
 
     fn log_all(&self, level: Level, message: &str) {
-        if self.modules.is_empty() {
-            tracing::info!("{message}");
-        }
         for module in self.modules.iter() {
             module.log.write(level, message);
         }
