@@ -180,10 +180,9 @@ fn deliver(route: &mut Route, message: &Message, outcome: Outcome) {
     let (produced, mut letters) = match outcome {
         Outcome::Refused(reason) => {
             let letter = DeadLetter::new(reason, &message.topic, None, &message.payload);
-            if module.reject(&[letter]) {
-                return;
+            if !module.reject(&[letter]) {
+                message.settlement.withhold();
             }
-            message.settlement.withhold();
             return;
         }
         Outcome::Records(produced, letters) => (produced, letters),
@@ -206,13 +205,15 @@ fn deliver(route: &mut Route, message: &Message, outcome: Outcome) {
             Err(reason) => {
                 letters.push(DeadLetter::new(
                     format!(
-                        "the module's component returned a record Kinesis would refuse: {reason}"
+                        "the module's component returned a record Kinesis would refuse \
+                         (output record {index}): {reason}"
                     ),
                     &message.topic,
-                    u32::try_from(index).ok(),
+                    None,
                     &record.data,
                 ));
-                // The dead letter below settles this record's part.
+                // Kept as a dead letter below; until then the message's own
+                // part holds its acknowledgement back.
                 record.settlement.settle();
             }
         }
