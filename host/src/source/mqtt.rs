@@ -49,16 +49,16 @@ impl MqttSource {
             .set_session_expiry_interval(Some(config.session_expiry_secs))
             .set_receive_maximum(Some(config.receive_maximum))
             .set_max_packet_size(Some(config.max_packet_bytes))
-            .set_manual_acks(true)
-            .set_request_channel_capacity(usize::from(config.receive_maximum) + 64);
+            .set_manual_acks(true);
         if let Some(username) = &config.username {
             options.set_credentials(
                 username.clone(),
                 config.password.clone().unwrap_or_default(),
             );
         }
-        let (client, eventloop) =
-            AsyncClient::new(options, usize::from(config.receive_maximum) + 64);
+        // Room for one acknowledgement per message in flight, plus subscriptions.
+        let requests = usize::from(config.receive_maximum) + 64;
+        let (client, eventloop) = AsyncClient::new(options, requests);
         Ok(Self {
             client,
             eventloop,
