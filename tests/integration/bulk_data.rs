@@ -3,7 +3,7 @@
 
 use ksm_tests::read_all_records;
 
-use crate::support::{Bench, module};
+use crate::support::{Bench, dead_letter_data, module};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
@@ -87,13 +87,13 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
     );
     assert_eq!(letters[0]["record_index"], 1);
     assert_eq!(
-        decode(&letters[0]),
+        dead_letter_data(&letters[0]),
         vec![b'x'; 97],
         "the refused record is kept"
     );
     assert!(reason(1).contains("2.0"), "{}", reason(1));
     assert_eq!(
-        decode(&letters[1]),
+        dead_letter_data(&letters[1]),
         wrong_version,
         "the whole payload is kept"
     );
@@ -102,9 +102,9 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
         "{}",
         reason(2)
     );
-    assert_eq!(decode(&letters[2]), not_bin);
+    assert_eq!(dead_letter_data(&letters[2]), not_bin);
     assert!(reason(3).contains("truncated"), "{}", reason(3));
-    assert_eq!(decode(&letters[3]), truncated);
+    assert_eq!(dead_letter_data(&letters[3]), truncated);
     for letter in letters {
         assert_eq!(letter["topic"], "/devices/1001/bulkData/telemetry");
     }
@@ -188,11 +188,4 @@ async fn events_that_are_not_mode_events_become_dead_letters() {
     let records = read_all_records(&bench.kinesis, &bench.stream).await;
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].data_json()["eventType"], "ok");
-}
-
-fn decode(letter: &serde_json::Value) -> Vec<u8> {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD
-        .decode(letter["data_base64"].as_str().expect("data_base64"))
-        .expect("valid base64")
 }

@@ -11,6 +11,7 @@
 //! - `kinesis_faults`: throttling and a missing stream.
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `restart`: the persistent session across restarts.
+//! - `untrusted_guest`: a guest that traps, loops or eats memory costs one message.
 //! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
 
 mod bulk_data;
@@ -21,4 +22,5 @@ mod kinesalite;
 mod kinesis_faults;
 mod restart;
 mod support;
+mod untrusted_guest;
 mod validate;

@@ -308,3 +308,11 @@ pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// The data of a dead letter as the admin API lists it.
+pub fn dead_letter_data(letter: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(letter["data_base64"].as_str().expect("data_base64"))
+        .expect("valid base64")
+}

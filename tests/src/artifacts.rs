@@ -73,34 +73,50 @@ fn cargo(args: &[&str]) {
 pub fn guest_wasm() -> PathBuf {
     static GUEST: OnceLock<PathBuf> = OnceLock::new();
     GUEST
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("KSM_GUEST_WASM") {
-                let path = PathBuf::from(path);
-                assert!(
-                    path.is_file(),
-                    "KSM_GUEST_WASM={} does not exist",
-                    path.display()
-                );
-                return path;
-            }
-            cargo(&[
-                "build",
-                "--release",
-                "--target",
-                "wasm32-wasip2",
-                "-p",
-                "ksm-guest",
-            ]);
-            let path = target_dir().join("wasm32-wasip2/release/ksm_guest.wasm");
-            assert!(
-                path.is_file(),
-                "the guest build succeeded but {} is missing (is the target wasm32-wasip2 \
-                 installed? `rustup target add wasm32-wasip2`)",
-                path.display()
-            );
-            path
-        })
+        .get_or_init(|| component("ksm-guest", "KSM_GUEST_WASM"))
         .clone()
+}
+
+/// The misbehaving test guest (`tests/fixtures/misbehaving-guest`): a device event whose
+/// payload is `panic`, `loop` or `hog` traps, spins or allocates without bound. Built once
+/// per test process; `KSM_MISBEHAVING_WASM` overrides it.
+pub fn misbehaving_guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| component("ksm-fixture-misbehaving-guest", "KSM_MISBEHAVING_WASM"))
+        .clone()
+}
+
+/// Builds the component of `package` for wasm32-wasip2 (release) unless the environment
+/// variable `override_var` names a file to use instead, and returns its path.
+fn component(package: &str, override_var: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(override_var) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{override_var}={} does not exist",
+            path.display()
+        );
+        return path;
+    }
+    cargo(&[
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "-p",
+        package,
+    ]);
+    let path = target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", package.replace('-', "_")));
+    assert!(
+        path.is_file(),
+        "the build of {package} succeeded but {} is missing (is the target wasm32-wasip2 \
+         installed? `rustup target add wasm32-wasip2`)",
+        path.display()
+    );
+    path
 }
 
 /// The host binary `ksm` in the dev profile, `target/debug/ksm`, built once per test process
