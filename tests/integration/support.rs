@@ -89,8 +89,18 @@ pub fn module(id: &str, stream: &str, extra: &str) -> ModuleSpec {
     }
 }
 
-/// The configuration text of a test host.
+/// The configuration text of a test host running the reference guest.
 pub fn config(broker_url: &str, client_id: &str, modules: &[ModuleSpec]) -> String {
+    config_with_component(broker_url, client_id, &guest_wasm(), modules)
+}
+
+/// The configuration text of a test host running `component`.
+pub fn config_with_component(
+    broker_url: &str,
+    client_id: &str,
+    component: &std::path::Path,
+    modules: &[ModuleSpec],
+) -> String {
     let mut text = format!(
         "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n\n\
          [admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
@@ -98,7 +108,7 @@ pub fn config(broker_url: &str, client_id: &str, modules: &[ModuleSpec]) -> Stri
          [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n\n\
          [[devices]]\nid = 1001\nhome_id = 77\nclass = \"thermostat\"\n\n",
         port = free_port(),
-        wasm = guest_wasm().display(),
+        wasm = component.display(),
     );
     for module in modules {
         text.push_str("[[modules]]\n");

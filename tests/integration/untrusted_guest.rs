@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use ksm_host::bindings::types::{DeviceContext, ModuleSettings};
 use ksm_host::runtime::{GuestLimits, Runtime, RuntimeError};
-use ksm_tests::{aws_env, guest_wasm, misbehaving_guest_wasm};
+use ksm_tests::{aws_env, misbehaving_guest_wasm};
 
-use crate::support::{Bench, Ksm, config, dead_letter_data, module};
+use crate::support::{Bench, Ksm, config_with_component, dead_letter_data, module};
 
 fn context() -> DeviceContext {
     DeviceContext {
@@ -61,18 +61,15 @@ fn a_failing_call_is_an_error_and_the_next_call_works() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_messages_become_dead_letters_and_the_rest_flows() {
     let bench = Bench::new("untrusted", 1).await;
-    let text = config(
+    let text = config_with_component(
         &bench.broker.url(),
         "ksm-untrusted",
+        &misbehaving_guest_wasm(),
         &[module(
             "sandboxed",
             &bench.stream,
             "subscribe_events = [\"*\"]",
         )],
-    )
-    .replace(
-        &guest_wasm().display().to_string(),
-        &misbehaving_guest_wasm().display().to_string(),
     );
     let host = Ksm::start(
         &text,

@@ -87,16 +87,17 @@ pub fn misbehaving_guest_wasm() -> PathBuf {
         .clone()
 }
 
+/// The file the environment variable `var` names, if it is set (it must exist).
+fn overridden(var: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os(var)?);
+    assert!(path.is_file(), "{var}={} does not exist", path.display());
+    Some(path)
+}
+
 /// Builds the component of `package` for wasm32-wasip2 (release) unless the environment
 /// variable `override_var` names a file to use instead, and returns its path.
 fn component(package: &str, override_var: &str) -> PathBuf {
-    if let Some(path) = std::env::var_os(override_var) {
-        let path = PathBuf::from(path);
-        assert!(
-            path.is_file(),
-            "{override_var}={} does not exist",
-            path.display()
-        );
+    if let Some(path) = overridden(override_var) {
         return path;
     }
     cargo(&[
@@ -127,13 +128,7 @@ fn component(package: &str, override_var: &str) -> PathBuf {
 pub fn ksm_binary() -> PathBuf {
     static HOST: OnceLock<PathBuf> = OnceLock::new();
     HOST.get_or_init(|| {
-        if let Some(path) = std::env::var_os("KSM_BINARY") {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "KSM_BINARY={} does not exist",
-                path.display()
-            );
+        if let Some(path) = overridden("KSM_BINARY") {
             return path;
         }
         cargo(&["build", "-p", "ksm-host", "--bin", "ksm"]);
