@@ -1,5 +1,8 @@
 //! Per-module activity: counters and the activity log that users read to
 //! find out what happened to their data (the "LOGS" of a smart module).
+//!
+//! The log is kept in the store, so it survives restarts; the newest
+//! [`LOG_RETENTION`] entries of each module are kept.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::{Entry, HashMap};
@@ -7,12 +10,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use fjall::Keyspace;
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
+use crate::store::{self, StoreError};
 
-/// Entries kept per module; older ones are dropped first.
-const LOG_CAPACITY: usize = 2_000;
+/// Entries kept per module, in memory and on disk; older ones are dropped first.
+pub const LOG_RETENTION: usize = 10_000;
 /// A repeated message (same key) is written at most once per this interval;
 /// the next entry says how many were folded into it.
 const REPEAT_INTERVAL: Duration = Duration::from_secs(10);
@@ -63,7 +68,9 @@ pub struct Counters {
     /// Records Kinesis accepted.
     pub forwarded: AtomicU64,
     /// Messages or records refused and kept as dead letters.
-    pub rejected: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Records written to the spool.
+    pub spooled: AtomicU64,
     /// Records sent again after a failure.
     pub retried: AtomicU64,
     /// Records Kinesis throttled.
@@ -80,11 +87,17 @@ pub struct CounterSnapshot {
     /// Records Kinesis accepted.
     pub forwarded: u64,
     /// Messages or records refused and kept as dead letters.
-    pub rejected: u64,
+    pub dead_lettered: u64,
+    /// Records written to the spool.
+    pub spooled: u64,
     /// Records sent again after a failure.
     pub retried: u64,
     /// Records Kinesis throttled.
     pub throttled: u64,
+    /// Records in the spool now, waiting for Kinesis.
+    pub spool_records: u64,
+    /// Bytes in the spool now (data plus partition keys).
+    pub spool_bytes: u64,
 }
 
 impl Counters {
@@ -93,36 +106,73 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Reads all counters.
-    pub fn snapshot(&self) -> CounterSnapshot {
+    /// Reads all counters, with the spool's current size.
+    pub fn snapshot(&self, spool: (u64, u64)) -> CounterSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterSnapshot {
             received: get(&self.received),
             filtered: get(&self.filtered),
             forwarded: get(&self.forwarded),
-            rejected: get(&self.rejected),
+            dead_lettered: get(&self.dead_lettered),
+            spooled: get(&self.spooled),
             retried: get(&self.retried),
             throttled: get(&self.throttled),
+            spool_records: spool.0,
+            spool_bytes: spool.1,
         }
     }
 }
 
-/// A module's activity log: a bounded ring of entries, mirrored to tracing.
+/// A module's activity log: a bounded ring of entries, mirrored to tracing
+/// and, when opened on a keyspace, to disk.
 #[derive(Debug)]
 pub struct ActivityLog {
     module_id: String,
-    entries: Mutex<VecDeque<LogEntry>>,
+    entries: Mutex<Ring>,
     repeats: Mutex<HashMap<&'static str, (Instant, u64)>>,
 }
 
+#[derive(Default)]
+struct Ring {
+    entries: VecDeque<LogEntry>,
+    disk: Option<Keyspace>,
+    next_seq: u64,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").finish_non_exhaustive()
+    }
+}
+
 impl ActivityLog {
-    /// An empty log for a module.
+    /// An empty log for a module, in memory only.
     pub fn new(module_id: &str) -> Self {
         Self {
             module_id: module_id.to_owned(),
-            entries: Mutex::new(VecDeque::new()),
+            entries: Mutex::new(Ring::default()),
             repeats: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A module's log kept in `keyspace`, with the entries kept there.
+    pub fn open(module_id: &str, keyspace: Keyspace) -> Result<Self, StoreError> {
+        let next_seq = store::next_seq(&keyspace)?;
+        let first = next_seq.saturating_sub(LOG_RETENTION as u64);
+        let mut entries = VecDeque::new();
+        for guard in keyspace.range(store::key(first)..) {
+            let value = guard.value()?;
+            if let Ok(entry) = serde_json::from_slice(&value) {
+                entries.push_back(entry);
+            }
+        }
+        let log = Self::new(module_id);
+        *log.entries.lock().unwrap_or_else(|e| e.into_inner()) = Ring {
+            entries,
+            disk: Some(keyspace),
+            next_seq,
+        };
+        Ok(log)
     }
 
     /// Appends an entry.
@@ -138,11 +188,21 @@ impl ActivityLog {
             level,
             message,
         };
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() == LOG_CAPACITY {
-            entries.pop_front();
+        let mut ring = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(disk) = &ring.disk {
+            let seq = ring.next_seq;
+            let value = serde_json::to_vec(&entry).expect("a log entry serializes");
+            // A log that cannot be written to disk still works in memory.
+            let _ = disk.insert(store::key(seq), value);
+            if let Some(old) = seq.checked_sub(LOG_RETENTION as u64) {
+                let _ = disk.remove(store::key(old));
+            }
+            ring.next_seq += 1;
         }
-        entries.push_back(entry);
+        if ring.entries.len() == LOG_RETENTION {
+            ring.entries.pop_front();
+        }
+        ring.entries.push_back(entry);
     }
 
     /// Appends an entry unless one with the same `key` was written in the
@@ -182,8 +242,8 @@ impl ActivityLog {
 
     /// Entries at or above `level`, oldest first.
     pub fn entries(&self, level: Level) -> Vec<LogEntry> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
+        let ring = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        ring.entries
             .iter()
             .filter(|e| e.level >= level)
             .cloned()
@@ -214,12 +274,38 @@ mod tests {
     #[test]
     fn the_log_is_bounded() {
         let log = ActivityLog::new("abc");
-        for i in 0..LOG_CAPACITY + 5 {
+        for i in 0..LOG_RETENTION + 5 {
             log.write(Level::Info, format!("{i}"));
         }
         let entries = log.entries(Level::Info);
-        assert_eq!(entries.len(), LOG_CAPACITY);
+        assert_eq!(entries.len(), LOG_RETENTION);
         assert_eq!(entries[0].message, "5");
+    }
+
+    #[test]
+    fn the_log_survives_reopening_within_its_retention() {
+        let dir = std::env::temp_dir().join(format!("ksm-log-{}", std::process::id()));
+        let store = crate::store::Store::open(&dir).unwrap();
+        let log = ActivityLog::open("abc", store.keyspace("abc", "log").unwrap()).unwrap();
+        for i in 0..LOG_RETENTION + 3 {
+            log.write(Level::Info, format!("{i}"));
+        }
+        drop(log);
+        let keyspace = store.keyspace("abc", "log").unwrap();
+        assert_eq!(
+            keyspace.len().unwrap(),
+            LOG_RETENTION,
+            "old entries are removed from disk"
+        );
+        let log = ActivityLog::open("abc", keyspace).unwrap();
+        let entries = log.entries(Level::Info);
+        assert_eq!(entries.len(), LOG_RETENTION);
+        assert_eq!(entries[0].message, "3");
+        log.write(Level::Error, "after restart");
+        assert_eq!(log.entries(Level::Error)[0].message, "after restart");
+        drop(log);
+        drop(store);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct MqttConfig {
     pub receive_maximum: u16,
     /// Largest MQTT packet accepted, bytes.
     pub max_packet_bytes: u32,
+    /// Shared-subscription group: when set, ksm subscribes through
+    /// `$share/{group}/...`, so several hosts in the group split the messages.
+    pub shared_group: Option<String>,
 }
 
 impl Default for MqttConfig {
@@ -72,6 +75,7 @@ impl Default for MqttConfig {
             session_expiry_secs: 7 * 24 * 3600,
             receive_maximum: 1000,
             max_packet_bytes: 16 * 1024 * 1024,
+            shared_group: None,
         }
     }
 }
@@ -118,14 +122,18 @@ impl Default for ComponentConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct StorageConfig {
-    /// Directory for dead letters, one subdirectory per module.
+    /// Directory of the store: spools, dead letters and activity logs.
     pub dir: PathBuf,
+    /// Most bytes (record data plus partition keys) one module's spool
+    /// holds; when full, ksm stops acknowledging messages, MiB.
+    pub spool_max_mib: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("ksm-data"),
+            spool_max_mib: 1024,
         }
     }
 }
@@ -142,8 +150,10 @@ pub struct KinesisConfig {
     pub retry_max_ms: u64,
     /// Timeout of one PutRecords attempt, milliseconds.
     pub request_timeout_ms: u64,
-    /// Records waiting per module before ksm stops taking new messages.
-    pub queue_capacity: usize,
+    /// Records per second ksm writes to one shard at most (Kinesis takes 1000).
+    pub shard_records_per_sec: u32,
+    /// Bytes per second ksm writes to one shard at most (Kinesis takes 1 MiB).
+    pub shard_bytes_per_sec: u64,
 }
 
 impl Default for KinesisConfig {
@@ -153,7 +163,8 @@ impl Default for KinesisConfig {
             retry_base_ms: 100,
             retry_max_ms: 10_000,
             request_timeout_ms: 10_000,
-            queue_capacity: 10_000,
+            shard_records_per_sec: 1000,
+            shard_bytes_per_sec: 1024 * 1024,
         }
     }
 }
@@ -357,8 +368,31 @@ impl Config {
                 "must be at least 100".into(),
             );
         }
-        if self.kinesis.queue_capacity == 0 {
-            report("kinesis.queue_capacity".into(), "must be at least 1".into());
+        if self.kinesis.shard_records_per_sec == 0 || self.kinesis.shard_records_per_sec > 1000 {
+            report(
+                "kinesis.shard_records_per_sec".into(),
+                "must be 1 to 1000 (a shard takes 1000 records/s)".into(),
+            );
+        }
+        if self.kinesis.shard_bytes_per_sec < 1024 || self.kinesis.shard_bytes_per_sec > 1024 * 1024
+        {
+            report(
+                "kinesis.shard_bytes_per_sec".into(),
+                "must be 1024 to 1048576 (a shard takes 1 MiB/s)".into(),
+            );
+        }
+        if self.storage.spool_max_mib == 0 {
+            report("storage.spool_max_mib".into(), "must be at least 1".into());
+        }
+        if let Some(group) = &self.mqtt.shared_group
+            && (group.is_empty() || group.contains(['/', '+', '#']))
+        {
+            report(
+                "mqtt.shared_group".into(),
+                format!(
+                    "`{group}` is not a share name: it must be non-empty without `/`, `+` or `#`"
+                ),
+            );
         }
 
         let mut device_ids = HashSet::new();

@@ -1,9 +1,17 @@
 //! A running ksm host: wires the MQTT source, the router with its guests, the
-//! Kinesis sinks and the admin API together, and stops them in order.
+//! committer and its store, the Kinesis sinks and the admin API together, and
+//! stops them in order.
+//!
+//! ```text
+//! MQTT ─▶ source ─▶ router (guests) ─▶ committer ─▶ store ─▶ sinks ─▶ Kinesis
+//!            ▲                             │ synced
+//!            └──────── PUBACK ◀────────────┘
+//! ```
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -18,10 +26,17 @@ use crate::runtime::{GuestLimits, Runtime, RuntimeError};
 use crate::sink::kinesis::{self, KinesisSink};
 use crate::source::SourceStatus;
 use crate::source::mqtt::MqttSource;
+use crate::spool::{CommitTarget, Committer};
+use crate::store::{Store, StoreError};
 
-/// How long shutdown waits for records in flight to reach Kinesis before it
-/// leaves them to the broker's redelivery.
-const FLUSH_GRACE: Duration = Duration::from_secs(10);
+/// How long shutdown lets the sinks send what is spooled before it leaves
+/// the rest in the spool for the next run.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the last acknowledgements to leave.
+const ACK_GRACE: Duration = Duration::from_secs(5);
+/// Record data read back into memory per module at start; the rest is read
+/// from disk as it is sent.
+const RECOVERY_MEMORY: usize = 64 * 1024 * 1024;
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +52,9 @@ pub enum StartError {
     /// The component could not be loaded.
     #[error(transparent)]
     Component(RuntimeError),
-    /// A module's dead-letter store could not be opened.
+    /// The store could not be opened or read.
     #[error(transparent)]
-    Storage(#[from] crate::dead_letter::DeadLetterError),
+    Storage(#[from] StoreError),
     /// The admin API could not listen.
     #[error("admin API cannot listen on {addr}: {source}")]
     Admin {
@@ -60,8 +75,10 @@ pub struct Host {
     intake: watch::Sender<bool>,
     disconnect: watch::Sender<bool>,
     sink_stop: watch::Sender<bool>,
+    stopping: Arc<AtomicBool>,
     source: JoinHandle<()>,
     router: std::thread::JoinHandle<()>,
+    committer: std::thread::JoinHandle<()>,
     sinks: Vec<JoinHandle<()>>,
     admin: JoinHandle<()>,
 }
@@ -80,12 +97,19 @@ impl Host {
             .expect("component loading does not panic")
             .map_err(StartError::Component)?;
 
+        let store = Store::open(&config.storage.dir)?;
+        let spool_max_bytes = config.storage.spool_max_mib * 1024 * 1024;
         let (sink_stop, sink_stop_rx) = watch::channel(false);
         let mut modules = Vec::new();
         let mut routes = Vec::new();
+        let mut targets = Vec::new();
         let mut sinks = Vec::new();
         for module_config in &config.modules {
-            let module = Arc::new(Module::open(module_config.clone(), &config.storage.dir)?);
+            let module = Arc::new(Module::open(
+                module_config.clone(),
+                &store,
+                spool_max_bytes,
+            )?);
             let settings = ModuleSettings {
                 subscribe_events: module_config.subscribe_events.clone(),
                 bulk_data_label: module_config.bulk_data_label.clone(),
@@ -98,15 +122,10 @@ impl Host {
                     module: module_config.id.clone(),
                     source,
                 })?;
+            let recovered = module.spool.recover(RECOVERY_MEMORY)?;
+            let next_seq = module.spool.next_seq()?;
             let client = kinesis::client(module_config, &config.kinesis).await;
-            let (sink_tx, sink_rx) = mpsc::channel(config.kinesis.queue_capacity);
-            let sink = KinesisSink::new(client, module.clone(), config.kinesis.clone(), sink_rx);
-            sinks.push(tokio::spawn(sink.run(sink_stop_rx.clone())));
-            routes.push(Route {
-                module: module.clone(),
-                guest,
-                sink: sink_tx,
-            });
+            let (sink_tx, sink_rx) = mpsc::unbounded_channel();
             module.log.write(
                 Level::Info,
                 format!(
@@ -114,9 +133,43 @@ impl Host {
                     module_config.stream_name, module_config.region
                 ),
             );
+            if !recovered.is_empty() {
+                let (records, bytes) = module.spool.len();
+                module.log.write(
+                    Level::Info,
+                    format!("resuming {records} records ({bytes} bytes) left in the spool"),
+                );
+            }
+            let sink = KinesisSink::new(
+                client,
+                module.clone(),
+                config.kinesis.clone(),
+                recovered,
+                sink_rx,
+            );
+            sinks.push(tokio::spawn(sink.run(sink_stop_rx.clone())));
+            targets.push(CommitTarget {
+                module: module.clone(),
+                sink: sink_tx,
+                next_seq,
+            });
+            routes.push(Route {
+                module: module.clone(),
+                guest,
+            });
             modules.push(module);
         }
         let modules: Arc<[Arc<Module>]> = modules.into();
+
+        let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
+        let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
+        let (job_tx, job_rx) = std::sync::mpsc::sync_channel(inbox_capacity);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let committer = Committer::new(store, targets, stopping.clone());
+        let committer = std::thread::Builder::new()
+            .name("ksm-committer".into())
+            .spawn(move || committer.run(job_rx))
+            .expect("the OS can start the committer thread");
 
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
@@ -129,16 +182,14 @@ impl Host {
             source,
         })?;
         let status = Arc::new(SourceStatus::default());
-        let app = crate::admin::router(modules.clone(), status.clone());
+        let app = crate::admin::router(modules.clone(), status.clone(), inbox_tx.downgrade());
         let admin = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!("admin API stopped: {error}");
             }
         });
 
-        let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
-        let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
-        let router = Router::new(routes, &config.devices);
+        let router = Router::new(routes, &config.devices, job_tx);
         let router = std::thread::Builder::new()
             .name("ksm-router".into())
             .spawn(move || router.run(inbox_rx))
@@ -156,8 +207,10 @@ impl Host {
             intake,
             disconnect,
             sink_stop,
+            stopping,
             source,
             router,
+            committer,
             sinks,
             admin,
         })
@@ -173,45 +226,47 @@ impl Host {
         &self.modules
     }
 
-    /// Stops taking messages, lets records in flight reach Kinesis (for a
-    /// bounded time), sends the acknowledgements they released, disconnects.
-    /// Whatever is not yet safe stays unacknowledged and is delivered again
-    /// by the broker after a restart.
+    /// Stops taking messages, commits what the guests produced and sends
+    /// the acknowledgements it released, gives the sinks a moment to send
+    /// what is spooled, and disconnects. What is not sent stays in the spool
+    /// for the next run; messages not yet committed stay unacknowledged and
+    /// the broker delivers them again.
     pub async fn stop(self) {
         let _ = self.intake.send(true);
+        // A committer waiting for room in a full spool gives up: the
+        // message it holds stays unacknowledged.
+        self.stopping.store(true, Ordering::Release);
         let router = self.router;
-        let mut router = Some(tokio::task::spawn_blocking(move || router.join()));
+        let committer = self.committer;
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = router.join();
+            let _ = committer.join();
+        })
+        .await;
+        let mut source = self.source;
         let mut sinks = self.sinks;
-        // The router finishes once the inbox is drained; the sinks once the
-        // router has closed their inputs and their queues are empty.
-        let drain = async {
-            if let Some(handle) = router.as_mut() {
-                let _ = handle.await;
-                router = None;
-            }
-            while let Some(sink) = sinks.last_mut() {
-                let _ = sink.await;
-                sinks.pop();
+        let acks_sent = async {
+            if tokio::time::timeout(ACK_GRACE, &mut source).await.is_err() {
+                let _ = self.disconnect.send(true);
+                let _ = (&mut source).await;
             }
         };
-        if tokio::time::timeout(FLUSH_GRACE, drain).await.is_err() {
-            // Give up on what is still queued: it stays unacknowledged.
-            let _ = self.sink_stop.send(true);
-            if let Some(handle) = router {
-                let _ = handle.await;
+        let sinks_done = async {
+            let drain = async {
+                while let Some(sink) = sinks.last_mut() {
+                    let _ = sink.await;
+                    sinks.pop();
+                }
+            };
+            if tokio::time::timeout(FLUSH_GRACE, drain).await.is_err() {
+                let _ = self.sink_stop.send(true);
+                while let Some(sink) = sinks.last_mut() {
+                    let _ = sink.await;
+                    sinks.pop();
+                }
             }
-            for sink in sinks {
-                let _ = sink.await;
-            }
-        }
-        let mut source = self.source;
-        if tokio::time::timeout(FLUSH_GRACE, &mut source)
-            .await
-            .is_err()
-        {
-            let _ = self.disconnect.send(true);
-            let _ = source.await;
-        }
+        };
+        tokio::join!(acks_sent, sinks_done);
         self.admin.abort();
     }
 }

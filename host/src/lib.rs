@@ -9,15 +9,17 @@
 //! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component.
 //! - [`router`]: hands each message to every module's guest.
 //! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
-//! - [`ack`]: late MQTT acknowledgement once records are safe.
+//! - [`ack`]: late MQTT acknowledgement once records are spooled.
+//! - [`spool`] and [`store`]: records on disk until Kinesis accepts them; group commit.
 //! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
-//! - [`admin`]: the admin HTTP API.
+//! - [`admin`] and [`admin_client`]: the admin HTTP API, and the client `ksm dead-letters` uses.
 //! - [`host`]: starts and stops all of the above.
 //! - [`bulk`] and [`conformance`]: bulk payload encoding and the guest conformance suite.
 
 pub mod ack;
 pub mod activity;
 pub mod admin;
+pub mod admin_client;
 pub mod bindings;
 pub mod bulk;
 pub mod clock;
@@ -30,6 +32,8 @@ pub mod router;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod spool;
+pub mod store;
 
 pub use config::Config;
 pub use host::{Host, run};

@@ -1,5 +1,6 @@
 //! `ksm`: run the Kinesis Smart Module host, validate its configuration,
-//! encode bulk data payloads and check guest components for conformance.
+//! manage dead letters, encode bulk data payloads and check guest components
+//! for conformance.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -44,6 +45,18 @@ enum Command {
         #[command(subcommand)]
         command: BulkCommand,
     },
+    /// List, inspect, replay or purge a module's dead letters (through the
+    /// admin API of the running host).
+    DeadLetters {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+        /// Configuration file of the running host (for its admin address).
+        #[arg(long, short, global = true, conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// Admin API address of the running host, e.g. 127.0.0.1:8686.
+        #[arg(long, global = true)]
+        admin: Option<std::net::SocketAddr>,
+    },
     /// Run the conformance cases against a guest component.
     Conformance {
         /// The component (.wasm) to check.
@@ -51,6 +64,44 @@ enum Command {
         /// Directory of cases (default: the cases built into ksm).
         #[arg(long)]
         cases: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// One line per dead letter: ID, time, topic and reason.
+    List {
+        /// Module ID.
+        module: String,
+        /// Print the JSON the admin API answers instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter in full, its data decoded when it is text.
+    Show {
+        /// Module ID.
+        module: String,
+        /// Dead-letter ID.
+        id: u64,
+    },
+    /// Send dead letters through the module again (after fixing the cause);
+    /// each is deleted once its data is safe, or comes back with a new ID.
+    Replay {
+        /// Module ID.
+        module: String,
+        /// Dead-letter IDs (default: all).
+        ids: Vec<u64>,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Module ID.
+        module: String,
+        /// Dead-letter IDs.
+        #[arg(required_unless_present = "all")]
+        ids: Vec<u64>,
+        /// Delete all of the module's dead letters.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
     },
 }
 
@@ -121,7 +172,104 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Conformance { component, cases } => conformance(&component, cases.as_deref()),
+        Command::DeadLetters {
+            command,
+            config,
+            admin,
+        } => dead_letters(command, config.as_deref(), admin),
     }
+}
+
+/// Runs a `ksm dead-letters` command against the running host.
+fn dead_letters(
+    command: DeadLetterCommand,
+    config: Option<&std::path::Path>,
+    admin: Option<std::net::SocketAddr>,
+) -> Result<ExitCode> {
+    use ksm_host::admin::DeadLetterCount;
+    use ksm_host::admin_client::AdminClient;
+    use ksm_host::dead_letter::DeadLetter;
+
+    let addr = match (admin, config) {
+        (Some(addr), _) => addr,
+        (None, Some(path)) => Config::load(path)?.admin.listen,
+        (None, None) => ksm_host::config::AdminConfig::default().listen,
+    };
+    let client = AdminClient::new(addr);
+    let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    let mut out = std::io::stdout().lock();
+    match command {
+        DeadLetterCommand::List { module, json } => {
+            let mut after = 0;
+            loop {
+                let body = client.call(
+                    "GET",
+                    &format!("/api/modules/{module}/dead-letters?after={after}"),
+                )?;
+                let page: Vec<DeadLetter> =
+                    serde_json::from_str(&body).context("unexpected answer from the admin API")?;
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                for letter in &page {
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(letter)?)?;
+                    } else {
+                        writeln!(
+                            out,
+                            "{}\t{}\t{}\t{}",
+                            letter.id, letter.time, letter.topic, letter.reason
+                        )?;
+                    }
+                }
+            }
+        }
+        DeadLetterCommand::Show { module, id } => {
+            let body = client.call("GET", &format!("/api/modules/{module}/dead-letters/{id}"))?;
+            let letter: DeadLetter =
+                serde_json::from_str(&body).context("unexpected answer from the admin API")?;
+            let mut shown = serde_json::to_value(&letter)?;
+            if let Ok(text) = letter.data().map(String::from_utf8)
+                && let Ok(text) = text
+            {
+                shown["data_text"] = text.into();
+            }
+            writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
+        }
+        DeadLetterCommand::Replay {
+            module,
+            ids: chosen,
+        } => {
+            let query = if chosen.is_empty() {
+                String::new()
+            } else {
+                format!("?ids={}", ids(&chosen))
+            };
+            let body = client.call(
+                "POST",
+                &format!("/api/modules/{module}/dead-letters/replay{query}"),
+            )?;
+            let answer: DeadLetterCount = serde_json::from_str(&body)?;
+            writeln!(out, "{} dead letters queued for replay", answer.count)?;
+        }
+        DeadLetterCommand::Purge {
+            module,
+            ids: chosen,
+            all,
+        } => {
+            let query = if all {
+                String::new()
+            } else {
+                format!("?ids={}", ids(&chosen))
+            };
+            let body = client.call(
+                "DELETE",
+                &format!("/api/modules/{module}/dead-letters{query}"),
+            )?;
+            let answer: DeadLetterCount = serde_json::from_str(&body)?;
+            writeln!(out, "{} dead letters deleted", answer.count)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing() {

@@ -1,9 +1,11 @@
-//! A running smart module: its settings, activity and dead letters, shared by
-//! the router, its Kinesis sink and the admin API.
+//! A running smart module: its settings, activity, spool and dead letters,
+//! shared by the router, the committer, its Kinesis sink and the admin API.
 
-use crate::activity::{ActivityLog, Counters, Level};
+use crate::activity::{ActivityLog, CounterSnapshot, Counters, Level};
 use crate::config::ModuleConfig;
-use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
+use crate::dead_letter::{DeadLetter, DeadLetterStore};
+use crate::spool::ModuleSpool;
+use crate::store::{Store, StoreError};
 
 /// Everything ksm knows about one module while it runs.
 #[derive(Debug)]
@@ -14,32 +16,42 @@ pub struct Module {
     pub counters: Counters,
     /// The activity log.
     pub log: ActivityLog,
-    /// Refused input.
+    /// Refused data.
     pub dead_letters: DeadLetterStore,
+    /// Records waiting for Kinesis.
+    pub spool: ModuleSpool,
 }
 
 impl Module {
-    /// Sets up a module, opening its dead-letter store under `storage_dir`.
+    /// Sets up a module over its keyspaces in `store`.
     pub fn open(
         config: ModuleConfig,
-        storage_dir: &std::path::Path,
-    ) -> Result<Self, DeadLetterError> {
-        let dead_letters = DeadLetterStore::open(storage_dir, &config.id)?;
+        store: &Store,
+        spool_max_bytes: u64,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
-            log: ActivityLog::new(&config.id),
+            log: ActivityLog::open(&config.id, store.keyspace(&config.id, "log")?)?,
             counters: Counters::default(),
-            dead_letters,
+            dead_letters: DeadLetterStore::open(store, &config.id)?,
+            spool: ModuleSpool::open(store, &config.id, spool_max_bytes)?,
             config,
         })
     }
 
-    /// Keeps refused data with its reason, counts it and writes an ERROR
-    /// entry. Returns `false` if the data could not be stored: then the
-    /// message must not be acknowledged.
-    pub fn reject(&self, letters: &[DeadLetter]) -> bool {
+    /// Counters, with the spool's current size.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot(self.spool.len())
+    }
+
+    /// Writes an ERROR entry for each refused message or record (whose data
+    /// the caller keeps as a dead letter).
+    pub fn log_refused(&self, letters: &[DeadLetter]) {
         for letter in letters {
             let what = match letter.record_index {
                 Some(index) => format!("record {index} of the message on `{}`", letter.topic),
+                None if letter.partition_key.is_some() => {
+                    format!("a record from the message on `{}`", letter.topic)
+                }
                 None => format!("message on `{}`", letter.topic),
             };
             self.log.write(
@@ -49,19 +61,6 @@ impl Module {
                     letter.reason
                 ),
             );
-        }
-        match self.dead_letters.append(letters) {
-            Ok(()) => {
-                Counters::add(&self.counters.rejected, letters.len() as u64);
-                true
-            }
-            Err(e) => {
-                self.log.write(
-                    Level::Error,
-                    format!("cannot keep refused data, the message stays unacknowledged: {e}"),
-                );
-                false
-            }
         }
     }
 }

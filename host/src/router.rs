@@ -1,5 +1,6 @@
-//! The router: hands every message to every module's guest, and sends what
-//! the guests produce to the modules' sinks or dead letters.
+//! The router: hands every message to every module's guest, and passes what
+//! the guests produce (records and dead letters) to the committer, which
+//! writes it to the store and then acknowledges the message.
 //!
 //! It runs on its own thread: guest calls are synchronous and short (a few
 //! microseconds, bounded by the call deadline), and must not stall the async
@@ -7,11 +8,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::activity::{Counters, Level};
+use crate::activity::Counters;
 use crate::bindings::describe;
 use crate::bindings::types::{BulkOutput, DeviceContext, HomeContext, KinesisRecord, Span};
 use crate::clock;
@@ -19,8 +21,9 @@ use crate::config::DeviceConfig;
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
 use crate::runtime::{CallResult, Guest};
-use crate::sink::kinesis::SinkRecord;
-use crate::source::{Message, Topic};
+use crate::sink::kinesis::check_record;
+use crate::source::{Message, ReplayRecord, Topic};
+use crate::spool::{Job, NewRecord, Staged};
 
 /// One module as the router sees it.
 pub struct Route {
@@ -28,14 +31,13 @@ pub struct Route {
     pub module: Arc<Module>,
     /// Its guest instance.
     pub guest: Guest,
-    /// Its sink's input.
-    pub sink: mpsc::Sender<SinkRecord>,
 }
 
 /// Routes messages to modules.
 pub struct Router {
     routes: Vec<Route>,
     devices: HashMap<u64, DeviceConfig>,
+    committer: SyncSender<Job>,
 }
 
 /// What one module made of one message.
@@ -53,16 +55,18 @@ struct Produced {
 }
 
 impl Router {
-    /// A router over the given modules and device registry.
-    pub fn new(routes: Vec<Route>, devices: &[DeviceConfig]) -> Self {
+    /// A router over the given modules (in configuration order) and device
+    /// registry, committing through `committer`.
+    pub fn new(routes: Vec<Route>, devices: &[DeviceConfig], committer: SyncSender<Job>) -> Self {
         Self {
             routes,
             devices: devices.iter().map(|d| (d.id, d.clone())).collect(),
+            committer,
         }
     }
 
     /// Routes messages until the inbox closes. Dropping the router then
-    /// closes the sinks' inputs, so they flush and finish.
+    /// closes the committer's input, so it commits what is left and ends.
     pub fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
         while let Some(message) = inbox.blocking_recv() {
             self.route(message);
@@ -71,12 +75,20 @@ impl Router {
 
     fn route(&mut self, message: Message) {
         let received_at = clock::format_rfc3339(message.received_at);
-        for route in &mut self.routes {
+        let mut staged = Vec::with_capacity(self.routes.len());
+        for (index, route) in self.routes.iter_mut().enumerate() {
+            if message.replay.as_ref().is_some_and(|r| r.module != index) {
+                staged.push(None);
+                continue;
+            }
             let module = &route.module;
             Counters::add(&module.counters.received, 1);
-            let outcome = match &message.kind {
-                Err(reason) => Outcome::Refused(reason.clone()),
-                Ok(Topic::DeviceEvent { device_id }) => {
+            let outcome = match (&message.kind, &message.replay) {
+                (_, Some(replay)) if replay.record.is_some() => {
+                    Outcome::Records(vec![replayed(replay.record.as_ref(), &message)], Vec::new())
+                }
+                (Err(reason), _) => Outcome::Refused(reason.clone()),
+                (Ok(Topic::DeviceEvent { device_id }), _) => {
                     let device = self.devices.get(device_id);
                     let context = DeviceContext {
                         device_id: *device_id,
@@ -87,7 +99,7 @@ impl Router {
                     };
                     events(route.guest.device_event(&context, &message.payload))
                 }
-                Ok(Topic::HomeEvent { home_id }) => {
+                (Ok(Topic::HomeEvent { home_id }), _) => {
                     let context = HomeContext {
                         home_id: *home_id,
                         project_key_id: None,
@@ -96,14 +108,33 @@ impl Router {
                     };
                     events(route.guest.home_event(&context, &message.payload))
                 }
-                Ok(Topic::BulkData { device_id, label }) => bulk(
+                (Ok(Topic::BulkData { device_id, label }), _) => bulk(
                     route.guest.bulk_data(*device_id, label, &message.payload),
                     &message,
                 ),
             };
-            deliver(route, &message, outcome);
+            staged.push(stage(module, &message, outcome));
         }
-        message.settlement.settle();
+        let job = Job {
+            staged,
+            settlement: message.settlement,
+        };
+        if self.committer.send(job).is_err() {
+            tracing::warn!("the committer has stopped; message left unacknowledged");
+        }
+    }
+}
+
+/// A replayed record, produced as it was.
+fn replayed(record: Option<&ReplayRecord>, message: &Message) -> Produced {
+    let record = record.cloned().unwrap_or(ReplayRecord {
+        partition_key: String::new(),
+        explicit_hash_key: None,
+    });
+    Produced {
+        data: message.payload.clone(),
+        partition_key: record.partition_key,
+        explicit_hash_key: record.explicit_hash_key,
     }
 }
 
@@ -175,59 +206,53 @@ fn bulk(result: CallResult<BulkOutput>, message: &Message) -> Outcome {
     Outcome::Records(records, letters)
 }
 
-fn deliver(route: &mut Route, message: &Message, outcome: Outcome) {
-    let module = &route.module;
+/// What a module keeps of a message: records checked against the Kinesis
+/// limits (those that break them become dead letters), and dead letters.
+fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged> {
     let (produced, mut letters) = match outcome {
         Outcome::Refused(reason) => {
             let letter = DeadLetter::new(reason, &message.topic, None, &message.payload);
-            if !module.reject(&[letter]) {
-                message.settlement.withhold();
-            }
-            return;
+            module.log_refused(std::slice::from_ref(&letter));
+            return Some(Staged {
+                records: Vec::new(),
+                dead_letters: vec![letter],
+            });
         }
         Outcome::Records(produced, letters) => (produced, letters),
     };
     if produced.is_empty() && letters.is_empty() {
         Counters::add(&module.counters.filtered, 1);
-        return;
+        return None;
     }
-    let mut accepted = Vec::with_capacity(produced.len());
+    let mut records = Vec::with_capacity(produced.len());
     for (index, record) in produced.into_iter().enumerate() {
-        let record = SinkRecord {
-            data: record.data,
-            partition_key: record.partition_key,
-            explicit_hash_key: record.explicit_hash_key,
-            topic: message.topic.clone(),
-            settlement: message.settlement.part(),
-        };
-        match record.check() {
-            Ok(()) => accepted.push(record),
-            Err(reason) => {
-                letters.push(DeadLetter::new(
-                    format!(
-                        "the module's component returned a record Kinesis would refuse \
-                         (output record {index}): {reason}"
-                    ),
-                    &message.topic,
-                    None,
-                    &record.data,
-                ));
-                // Kept as a dead letter below; until then the message's own
-                // part holds its acknowledgement back.
-                record.settlement.settle();
-            }
+        let size = record.data.len() + record.partition_key.len();
+        match check_record(
+            &record.partition_key,
+            record.explicit_hash_key.as_deref(),
+            size,
+        ) {
+            Ok(()) => records.push(NewRecord {
+                data: record.data,
+                partition_key: record.partition_key,
+                explicit_hash_key: record.explicit_hash_key,
+                topic: message.topic.clone(),
+            }),
+            Err(reason) => letters.push(DeadLetter::for_record(
+                format!(
+                    "the module's component returned a record Kinesis would refuse \
+                     (output record {index}): {reason}"
+                ),
+                &message.topic,
+                &record.partition_key,
+                record.explicit_hash_key.as_deref(),
+                &record.data,
+            )),
         }
     }
-    if !letters.is_empty() && !module.reject(&letters) {
-        message.settlement.withhold();
-    }
-    for record in accepted {
-        if route.sink.blocking_send(record).is_err() {
-            module.log.write(
-                Level::Warn,
-                "the Kinesis sink has stopped; the message stays unacknowledged",
-            );
-            return;
-        }
-    }
+    module.log_refused(&letters);
+    Some(Staged {
+        records,
+        dead_letters: letters,
+    })
 }

@@ -58,11 +58,12 @@ async fn bulk_records_arrive_in_order_and_bad_input_becomes_dead_letters() {
         .await;
 
     // 20 good records, then small-1, small-2 and the empty record of the oversize payload.
-    let counters =
-        host.wait_for_counters("telemetry", |c| c["forwarded"] == 23 && c["rejected"] == 4);
+    let counters = host.wait_for_counters("telemetry", |c| {
+        c["forwarded"] == 23 && c["dead_lettered"] == 4
+    });
     assert_eq!(counters["received"], 7, "{counters}");
     assert_eq!(counters["forwarded"], 23, "{counters}\n{}", host.log());
-    assert_eq!(counters["rejected"], 4, "{counters}");
+    assert_eq!(counters["dead_lettered"], 4, "{counters}");
     assert_eq!(
         counters["filtered"], 2,
         "other label and the empty payload: {counters}"
@@ -166,8 +167,9 @@ async fn events_that_are_not_mode_events_become_dead_letters() {
             ),
         ])
         .await;
-    let counters = host.wait_for_counters("events", |c| c["forwarded"] == 1 && c["rejected"] == 4);
-    assert_eq!(counters["rejected"], 4, "{counters}\n{}", host.log());
+    let counters =
+        host.wait_for_counters("events", |c| c["forwarded"] == 1 && c["dead_lettered"] == 4);
+    assert_eq!(counters["dead_lettered"], 4, "{counters}\n{}", host.log());
     let letters = host.get("/api/modules/events/dead-letters");
     let reasons: Vec<&str> = letters
         .as_array()

@@ -97,7 +97,7 @@ async fn device_and_home_events_land_as_mode_events() {
     let counters = host.wait_for_counters("all-events", |c| c["forwarded"] == 3);
     assert_eq!(counters["received"], 3);
     assert_eq!(counters["forwarded"], 3);
-    assert_eq!(counters["rejected"], 0);
+    assert_eq!(counters["dead_lettered"], 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

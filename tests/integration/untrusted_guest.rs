@@ -102,5 +102,5 @@ async fn failing_messages_become_dead_letters_and_the_rest_flows() {
     assert_eq!(errors.as_array().expect("a list").len(), 3, "{errors}");
     let counters = host.counters("sandboxed");
     assert_eq!(counters["received"], 6);
-    assert_eq!(counters["rejected"], 3);
+    assert_eq!(counters["dead_lettered"], 3);
 }

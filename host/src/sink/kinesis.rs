@@ -1,15 +1,13 @@
-//! The Kinesis sink: batches one module's records into PutRecords calls,
-//! retries what fails (only what fails, in order), and settles each record
-//! once Kinesis accepted it or it was kept as a dead letter.
+//! The Kinesis sink: sends one module's spooled records with PutRecords,
+//! retries what fails (only what fails), and removes from the spool what
+//! Kinesis accepted.
 //!
-//! Ordering: one request is in flight per module, and records that failed are
-//! put back at the head of the queue in their original order, so they are
-//! resent before anything newer. A partition key's records therefore reach
-//! the stream in order, except when Kinesis fails an earlier record and
-//! accepts a later one of the same key inside one request; the earlier one is
-//! then resent by itself and lands after it.
+//! Ordering: records wait in a [`Backlog`] per partition key, and a request
+//! carries one record per key, so a key's records reach the stream in order
+//! even when Kinesis fails some records of a request. Per-shard pacing
+//! ([`super::shards`]) keeps each shard under its write limits, so throttling
+//! is the exception.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,69 +20,55 @@ use aws_sdk_kinesis::config::{Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use bytes::Bytes;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::ack::Settlement;
+use super::backlog::{Backlog, Batch};
+use super::shards::{self, ShardMap, ShardPacer};
 use crate::activity::{Counters, Level};
 use crate::config::{KinesisConfig, ModuleConfig};
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
+use crate::spool::SpoolRecord;
 
-/// Most records one PutRecords request may carry.
-pub const MAX_RECORDS_PER_REQUEST: usize = 500;
-/// Most bytes one PutRecords request may carry, data plus partition keys.
-pub const MAX_BYTES_PER_REQUEST: usize = 5 * 1024 * 1024;
 /// Most bytes one record may carry, data plus partition key.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Partition keys are 1 to 256 Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+/// Record data held in memory per module; the rest is read from the spool.
+const MEMORY_BUDGET: usize = 64 * 1024 * 1024;
+/// How often the shard map is listed again at most.
+const SHARD_REFRESH_MIN: Duration = Duration::from_secs(5);
+/// How often the shard map is listed again anyway (to notice resharding).
+const SHARD_REFRESH_MAX: Duration = Duration::from_secs(60);
 
-/// One record on its way to Kinesis.
-pub struct SinkRecord {
-    /// Record data.
-    pub data: Bytes,
-    /// Partition key.
-    pub partition_key: String,
-    /// Explicit hash key, if the guest chose one.
-    pub explicit_hash_key: Option<String>,
-    /// MQTT topic the record came from (for dead letters).
-    pub topic: Arc<str>,
-    /// The message's outstanding part this record stands for.
-    pub settlement: Settlement,
-}
-
-impl SinkRecord {
-    fn size(&self) -> usize {
-        self.data.len() + self.partition_key.len()
+/// Checks a record against Kinesis's own rules (`size` is data plus
+/// partition key), so one bad record never makes a whole request fail.
+pub fn check_record(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    size: usize,
+) -> Result<(), String> {
+    let key_chars = partition_key.chars().count();
+    if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
+        return Err(format!(
+            "partition key has {key_chars} characters; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}"
+        ));
     }
-
-    /// Checks the record against Kinesis's own rules, so one bad record
-    /// never makes a whole request fail.
-    pub fn check(&self) -> Result<(), String> {
-        let key_chars = self.partition_key.chars().count();
-        if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
-            return Err(format!(
-                "partition key has {key_chars} characters; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}"
-            ));
-        }
-        if self.size() > MAX_RECORD_BYTES {
-            return Err(format!(
-                "record is {} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}",
-                self.size()
-            ));
-        }
-        if let Some(key) = &self.explicit_hash_key
-            && (key.is_empty() || !key.bytes().all(|b| b.is_ascii_digit()) || key.len() > 39)
-        {
-            return Err(format!(
-                "explicit hash key `{key}` is not a decimal 128-bit integer"
-            ));
-        }
-        Ok(())
+    if size > MAX_RECORD_BYTES {
+        return Err(format!(
+            "record is {size} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}"
+        ));
     }
+    if let Some(key) = explicit_hash_key
+        && (!key.bytes().all(|b| b.is_ascii_digit()) || key.parse::<u128>().is_err())
+    {
+        return Err(format!(
+            "explicit hash key `{key}` is not a decimal 128-bit integer"
+        ));
+    }
+    Ok(())
 }
 
 /// Builds the Kinesis client of a module: region, credentials (the assumed
@@ -186,185 +170,357 @@ const THROUGHPUT_ADVICE: &str = "the stream lacks write throughput capacity. Sen
      (fewer or smaller messages from devices) or add shards to the stream \
      (each shard takes 1 MiB/s or 1000 records/s)";
 
+/// The shard map and its pacing, once listed.
+struct Shards {
+    map: ShardMap,
+    pacer: ShardPacer,
+    listed_at: Instant,
+}
+
 /// One module's sink task.
 pub struct KinesisSink {
     client: Client,
     module: Arc<Module>,
     config: KinesisConfig,
-    records: mpsc::Receiver<SinkRecord>,
-    queue: VecDeque<SinkRecord>,
+    input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
+    backlog: Backlog,
+    shards: Option<Shards>,
+    shards_stale: bool,
+    shards_tried_at: Option<Instant>,
+    /// Consecutive request-level failures, for the sink-wide backoff.
     failures: u32,
 }
 
 impl KinesisSink {
-    /// A sink that sends what arrives on `records` to the module's stream.
+    /// A sink for the module's stream, starting with what `recovered` holds
+    /// (left in the spool by an earlier run) and then taking what arrives
+    /// on `input`.
     pub fn new(
         client: Client,
         module: Arc<Module>,
         config: KinesisConfig,
-        records: mpsc::Receiver<SinkRecord>,
+        recovered: Vec<SpoolRecord>,
+        input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     ) -> Self {
+        let mut backlog = Backlog::new(1, MEMORY_BUDGET);
+        recovered.into_iter().for_each(|r| backlog.push(r));
         Self {
             client,
             module,
             config,
-            records,
-            queue: VecDeque::new(),
+            input,
+            backlog,
+            shards: None,
+            shards_stale: true,
+            shards_tried_at: None,
             failures: 0,
         }
     }
 
-    /// Runs until the record channel closes and the queue is empty, or until
-    /// `stop` turns true; records still queued then stay unsettled, so their
-    /// messages stay unacknowledged at the broker.
+    /// Runs until the input closes and the backlog is empty, or until `stop`
+    /// turns true; what is left stays in the spool for the next run.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut open = true;
+        let mut linger_until: Option<Instant> = None;
+        let linger = Duration::from_millis(self.config.linger_ms);
         loop {
             if *stop.borrow() {
                 break;
             }
-            if self.queue.is_empty() {
-                tokio::select! {
-                    record = self.records.recv() => match record {
-                        Some(record) => self.queue.push_back(record),
-                        None => break,
-                    },
-                    _ = stop.changed() => continue,
-                }
+            while let Ok(records) = self.input.try_recv() {
+                self.take(records, &mut linger_until, linger);
             }
-            self.linger().await;
-            let batch = self.take_batch();
-            let delay = self.send(batch).await;
-            if let Some(delay) = delay {
+            if self.backlog.is_empty() {
+                if !open {
+                    break;
+                }
                 tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
+                    records = self.input.recv() => match records {
+                        Some(records) => self.take(records, &mut linger_until, linger),
+                        None => open = false,
+                    },
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            // Give a batch a moment to fill after a quiet spell.
+            if let Some(until) = linger_until
+                && open
+                && self.backlog.len() < super::backlog::MAX_RECORDS_PER_REQUEST
+                && Instant::now() < until
+            {
+                tokio::select! {
+                    records = self.input.recv() => match records {
+                        Some(records) => self.take(records, &mut linger_until, linger),
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(until) => linger_until = None,
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            linger_until = None;
+            self.refresh_shards().await;
+            let batch = self.next_batch();
+            if batch.records.is_empty() {
+                let retry = self.backlog.next_retry().map(Instant::from_std);
+                let paced = batch.paced_for.map(|wait| Instant::now() + wait);
+                let wake = [retry, paced].into_iter().flatten().min();
+                let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
+                tokio::select! {
+                    records = self.input.recv(), if open => match records {
+                        Some(records) => self.take(records, &mut linger_until, linger),
+                        None => open = false,
+                    },
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            if let Some(pause) = self.send(batch.records).await {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => {}
                 }
             }
         }
-        if !self.queue.is_empty() {
+        if !self.backlog.is_empty() {
             self.module.log.write(
-                Level::Warn,
+                Level::Info,
                 format!(
-                    "stopping with {} records not yet accepted by Kinesis; their messages stay \
-                     unacknowledged and the broker will deliver them again",
-                    self.queue.len()
+                    "stopping with {} records in the spool; they are sent after the restart",
+                    self.backlog.len()
                 ),
             );
         }
     }
 
-    /// Waits up to the linger time for more records while a batch has room.
-    async fn linger(&mut self) {
-        let deadline = Instant::now() + Duration::from_millis(self.config.linger_ms);
-        while self.queue.len() < MAX_RECORDS_PER_REQUEST {
-            tokio::select! {
-                record = self.records.recv() => match record {
-                    Some(record) => self.queue.push_back(record),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(deadline) => return,
+    fn take(
+        &mut self,
+        records: Vec<SpoolRecord>,
+        linger_until: &mut Option<Instant>,
+        linger: Duration,
+    ) {
+        if self.backlog.is_empty() && !linger.is_zero() {
+            *linger_until = Some(Instant::now() + linger);
+        }
+        records.into_iter().for_each(|r| self.backlog.push(r));
+    }
+
+    /// The next request's records, paced per shard when the map is known.
+    fn next_batch(&mut self) -> Batch {
+        let now = std::time::Instant::now();
+        let Some(shards) = &mut self.shards else {
+            return self.backlog.next_batch(now, |_| Ok(()));
+        };
+        let mut unmapped = false;
+        let batch = self.backlog.next_batch(now, |record| {
+            let hash = shards::hash_key(&record.partition_key, record.explicit_hash_key.as_deref());
+            let Some(shard) = shards.map.shard_of(hash) else {
+                unmapped = true;
+                return Ok(());
+            };
+            if shards.pacer.try_take(shard, record.size, now) {
+                Ok(())
+            } else {
+                Err(shards.pacer.wait_time(shard, record.size, now))
+            }
+        });
+        self.shards_stale |= unmapped;
+        batch
+    }
+
+    /// Lists the stream's shards when the map is stale or old (rate-limited).
+    async fn refresh_shards(&mut self) {
+        let now = Instant::now();
+        let old = self
+            .shards
+            .as_ref()
+            .is_some_and(|s| now.duration_since(s.listed_at) >= SHARD_REFRESH_MAX);
+        let recently_tried = self
+            .shards_tried_at
+            .is_some_and(|at| now.duration_since(at) < SHARD_REFRESH_MIN);
+        if !(self.shards_stale || old) || recently_tried {
+            return;
+        }
+        self.shards_tried_at = Some(now);
+        let stream = &self.module.config.stream_name;
+        match shards::list_open_shards(&self.client, stream).await {
+            Ok(map) => {
+                let changed = self
+                    .shards
+                    .as_ref()
+                    .is_none_or(|s| s.map.len() != map.len());
+                if changed {
+                    self.module.log.write(
+                        Level::Info,
+                        format!(
+                            "stream `{stream}` has {} open shards; pacing each under {} records/s and {} bytes/s",
+                            map.len(),
+                            self.config.shard_records_per_sec,
+                            self.config.shard_bytes_per_sec
+                        ),
+                    );
+                }
+                let pacer = ShardPacer::new(
+                    map.len(),
+                    self.config.shard_records_per_sec,
+                    self.config.shard_bytes_per_sec,
+                );
+                self.shards = Some(Shards {
+                    map,
+                    pacer,
+                    listed_at: now,
+                });
+                self.shards_stale = false;
+            }
+            Err(error) => {
+                self.module.log.write_limited(
+                    "list-shards",
+                    Level::Warn,
+                    format!(
+                        "cannot list the shards of stream `{stream}` ({error}); records are sent \
+                         without per-shard pacing. Allow kinesis:ListShards on the stream to enable it"
+                    ),
+                );
             }
         }
     }
 
-    fn take_batch(&mut self) -> Vec<SinkRecord> {
-        take_batch(&mut self.queue)
-    }
-
-    /// Sends one batch; returns how long to wait before the next attempt
-    /// when something must be retried.
-    async fn send(&mut self, batch: Vec<SinkRecord>) -> Option<Duration> {
-        let stream = &self.module.config.stream_name;
-        let entries = batch
-            .iter()
-            .map(|record| {
+    /// Sends one batch; returns how long the whole sink should pause when
+    /// the request as a whole failed.
+    async fn send(&mut self, records: Vec<SpoolRecord>) -> Option<Duration> {
+        let stream = self.module.config.stream_name.clone();
+        let mut entries = Vec::with_capacity(records.len());
+        for record in &records {
+            let data = match self.module.spool.data(record) {
+                Ok(data) => data,
+                Err(error) => {
+                    self.module.log.write_limited(
+                        "store",
+                        Level::Error,
+                        format!("cannot read a record back from the spool: {error}"),
+                    );
+                    self.complete(&records, &vec![false; records.len()]);
+                    return Some(self.backoff());
+                }
+            };
+            entries.push(
                 PutRecordsRequestEntry::builder()
-                    .data(Blob::new(record.data.to_vec()))
-                    .partition_key(&record.partition_key)
-                    .set_explicit_hash_key(record.explicit_hash_key.clone())
+                    .data(Blob::new(data.to_vec()))
+                    .partition_key(&*record.partition_key)
+                    .set_explicit_hash_key(record.explicit_hash_key.as_deref().map(str::to_owned))
                     .build()
-                    .expect("data and partition key are set")
-            })
-            .collect();
+                    .expect("data and partition key are set"),
+            );
+        }
         let result = self
             .client
             .put_records()
-            .stream_name(stream)
+            .stream_name(&stream)
             .set_records(Some(entries))
             .send()
             .await;
         let output = match result {
             Ok(output) => output,
-            Err(error) => return self.request_failed(batch, classify(error)),
+            Err(error) => return self.request_failed(records, classify(error)),
         };
         let results = output.records();
-        if results.len() != batch.len() {
+        if results.len() != records.len() {
             let error = PutError::Transient(format!(
                 "PutRecords answered {} results for {} records",
                 results.len(),
-                batch.len()
+                records.len()
             ));
-            return self.request_failed(batch, error);
+            return self.request_failed(records, error);
         }
-        let mut retry = Vec::new();
+        self.failures = 0;
+        let now = std::time::Instant::now();
+        let mut done = Vec::with_capacity(records.len());
+        let mut accepted = Vec::new();
         let mut throttled = 0u64;
-        let mut accepted = 0u64;
         let mut last_error = String::new();
-        for (record, result) in batch.into_iter().zip(results) {
+        for (record, result) in records.iter().zip(results) {
+            let shard = self.shards.as_mut().and_then(|shards| {
+                let hash =
+                    shards::hash_key(&record.partition_key, record.explicit_hash_key.as_deref());
+                shards.map.shard_of(hash).map(|index| (shards, index))
+            });
             match result.error_code() {
                 None => {
-                    accepted += 1;
-                    record.settlement.settle();
+                    if let (Some((shards, index)), Some(id)) = (&shard, result.shard_id())
+                        && shards.map.id(*index) != id
+                    {
+                        self.shards_stale = true;
+                    }
+                    accepted.push((record.seq, record.size));
+                    done.push(true);
                 }
                 Some(code) => {
                     if code == "ProvisionedThroughputExceededException"
                         || code.starts_with("KMSThrottling")
                     {
                         throttled += 1;
+                        if let Some((shards, index)) = shard {
+                            shards.pacer.throttled(index, now);
+                        }
                     }
                     last_error = format!("{code}: {}", result.error_message().unwrap_or_default());
-                    retry.push(record);
+                    done.push(false);
                 }
             }
         }
-        Counters::add(&self.module.counters.forwarded, accepted);
-        if retry.is_empty() {
-            self.failures = 0;
-            return None;
-        }
-        let failed = retry.len();
-        Counters::add(&self.module.counters.retried, failed as u64);
-        Counters::add(&self.module.counters.throttled, throttled);
-        if throttled > 0 {
+        if let Err(error) = self.module.spool.remove(&accepted) {
             self.module.log.write_limited(
-                "throughput",
+                "store",
                 Level::Error,
-                format!(
-                    "Kinesis throttled {throttled} of {} records put to stream `{stream}` \
-                     (ProvisionedThroughputExceededException); they are being retried: {THROUGHPUT_ADVICE}",
-                    failed as u64 + accepted
-                ),
-            );
-        } else {
-            self.module.log.write_limited(
-                "record-failure",
-                Level::Warn,
-                format!(
-                    "Kinesis failed {failed} records put to stream `{stream}` ({last_error}); \
-                     they are being retried"
-                ),
+                format!("cannot remove sent records from the spool (they will be sent again after a restart): {error}"),
             );
         }
-        self.requeue(retry);
-        Some(self.backoff())
+        Counters::add(&self.module.counters.forwarded, accepted.len() as u64);
+        let failed = records.len() - accepted.len();
+        if failed > 0 {
+            Counters::add(&self.module.counters.retried, failed as u64);
+            Counters::add(&self.module.counters.throttled, throttled);
+            if throttled > 0 {
+                self.module.log.write_limited(
+                    "throughput",
+                    Level::Error,
+                    format!(
+                        "Kinesis throttled {throttled} of {} records put to stream `{stream}` \
+                         (ProvisionedThroughputExceededException); they are being retried: {THROUGHPUT_ADVICE}",
+                        records.len()
+                    ),
+                );
+            } else {
+                self.module.log.write_limited(
+                    "record-failure",
+                    Level::Warn,
+                    format!(
+                        "Kinesis failed {failed} records put to stream `{stream}` ({last_error}); \
+                         they are being retried"
+                    ),
+                );
+            }
+        }
+        self.complete(&records, &done);
+        None
     }
 
-    fn request_failed(&mut self, batch: Vec<SinkRecord>, error: PutError) -> Option<Duration> {
+    fn complete(&mut self, records: &[SpoolRecord], done: &[bool]) {
+        let (base, max) = (self.config.retry_base_ms, self.config.retry_max_ms);
+        self.backlog
+            .complete(records, done, std::time::Instant::now(), |failures| {
+                retry_delay(failures, base, max)
+            });
+    }
+
+    fn request_failed(&mut self, records: Vec<SpoolRecord>, error: PutError) -> Option<Duration> {
         let stream = &self.module.config.stream_name;
         let log = &self.module.log;
         match &error {
             PutError::Throttled { .. } => {
-                Counters::add(&self.module.counters.throttled, batch.len() as u64);
+                Counters::add(&self.module.counters.throttled, records.len() as u64);
                 log.write_limited(
                     "throughput",
                     Level::Error,
@@ -375,7 +531,7 @@ impl KinesisSink {
                 "stream",
                 Level::Error,
                 format!(
-                    "PutRecords to stream `{stream}` failed ({error}): {}; the data waits and is retried",
+                    "PutRecords to stream `{stream}` failed ({error}): {}; the data waits in the spool and is retried",
                     advice(code)
                 ),
             ),
@@ -384,26 +540,63 @@ impl KinesisSink {
                 Level::Warn,
                 format!("PutRecords to stream `{stream}` failed ({error}); retrying"),
             ),
+            PutError::Refused { .. } if records.len() > 1 => {
+                // One of the records is refused: send them one by one to find it.
+                log.write_limited(
+                    "refused",
+                    Level::Warn,
+                    format!("Kinesis refused a request to stream `{stream}` ({error}); sending its records one by one to find the refused one"),
+                );
+                self.backlog.isolate(&records);
+                self.backlog
+                    .complete(&records, &vec![false; records.len()], std::time::Instant::now(), |_| Duration::ZERO);
+                return None;
+            }
             PutError::Refused { .. } => {
-                let letters: Vec<DeadLetter> = batch
-                    .iter()
-                    .map(|r| DeadLetter::new(format!("Kinesis refused the request: {error}"), &r.topic, None, &r.data))
-                    .collect();
-                if self.module.reject(&letters) {
-                    batch.into_iter().for_each(|r| r.settlement.settle());
-                }
+                self.dead_letter(&records, &error);
                 return None;
             }
         }
-        Counters::add(&self.module.counters.retried, batch.len() as u64);
-        self.requeue(batch);
+        Counters::add(&self.module.counters.retried, records.len() as u64);
+        self.complete(&records, &vec![false; records.len()]);
         Some(self.backoff())
     }
 
-    /// Puts failed records back at the head of the queue, in their order.
-    fn requeue(&mut self, records: Vec<SinkRecord>) {
-        for record in records.into_iter().rev() {
-            self.queue.push_front(record);
+    /// Moves records Kinesis refuses from the spool to the dead letters.
+    fn dead_letter(&mut self, records: &[SpoolRecord], error: &PutError) {
+        let letters: Vec<DeadLetter> = records
+            .iter()
+            .map(|record| {
+                let data = self.module.spool.data(record).unwrap_or_default();
+                DeadLetter::for_record(
+                    format!("Kinesis refused the record: {error}"),
+                    &record.topic,
+                    &record.partition_key,
+                    record.explicit_hash_key.as_deref(),
+                    &data,
+                )
+            })
+            .collect();
+        self.module.log_refused(&letters);
+        let count = letters.len() as u64;
+        let removed: Vec<(u64, usize)> = records.iter().map(|r| (r.seq, r.size)).collect();
+        let module = &self.module;
+        let result = module
+            .spool
+            .remove_with(&removed, |batch| module.dead_letters.stage(batch, letters));
+        match result {
+            Ok(()) => {
+                Counters::add(&module.counters.dead_lettered, count);
+                self.complete(records, &vec![true; records.len()]);
+            }
+            Err(error) => {
+                module.log.write_limited(
+                    "store",
+                    Level::Error,
+                    format!("cannot move refused records to the dead letters; they stay in the spool: {error}"),
+                );
+                self.complete(records, &vec![false; records.len()]);
+            }
         }
     }
 
@@ -415,21 +608,6 @@ impl KinesisSink {
             self.config.retry_max_ms,
         )
     }
-}
-
-/// Takes the next batch from the head of the queue, within the request
-/// limits (the 500-record and 5 MiB limits of one PutRecords request).
-fn take_batch(queue: &mut VecDeque<SinkRecord>) -> Vec<SinkRecord> {
-    let mut bytes = 0;
-    let mut count = 0;
-    for record in queue.iter() {
-        if count == MAX_RECORDS_PER_REQUEST || bytes + record.size() > MAX_BYTES_PER_REQUEST {
-            break;
-        }
-        bytes += record.size();
-        count += 1;
-    }
-    queue.drain(..count).collect()
 }
 
 /// The delay before retry number `failures` (from 1): exponential from
@@ -444,54 +622,19 @@ fn retry_delay(failures: u32, base_ms: u64, max_ms: u64) -> Duration {
 mod tests {
     use super::*;
 
-    fn record(len: usize, key: &str) -> SinkRecord {
-        SinkRecord {
-            data: Bytes::from(vec![0u8; len]),
-            partition_key: key.to_owned(),
-            explicit_hash_key: None,
-            topic: "/devices/1/event".into(),
-            settlement: Settlement::new(None),
-        }
-    }
-
-    #[test]
-    fn batches_hold_at_most_500_records() {
-        let mut queue: VecDeque<_> = (0..1201).map(|_| record(10, "k")).collect();
-        let sizes: Vec<usize> = std::iter::from_fn(|| {
-            let batch = take_batch(&mut queue);
-            (!batch.is_empty()).then_some(batch.len())
-        })
-        .collect();
-        assert_eq!(sizes, [500, 500, 201]);
-    }
-
-    #[test]
-    fn batches_hold_at_most_5_mib_counting_keys() {
-        let mut queue: VecDeque<_> = (0..6)
-            .map(|_| record(MAX_RECORD_BYTES - 4, "1001"))
-            .collect();
-        assert_eq!(take_batch(&mut queue).len(), 5, "exactly 5 MiB fits");
-        let mut queue: VecDeque<_> = (0..6)
-            .map(|_| record(MAX_RECORD_BYTES - 3, "1001"))
-            .collect();
-        assert_eq!(take_batch(&mut queue).len(), 4, "one byte more does not");
-    }
-
     #[test]
     fn records_are_checked_against_kinesis_limits() {
-        assert!(record(MAX_RECORD_BYTES - 4, "1001").check().is_ok());
-        assert!(record(MAX_RECORD_BYTES - 3, "1001").check().is_err());
-        assert!(record(1, "").check().is_err());
+        assert!(check_record("1001", None, MAX_RECORD_BYTES).is_ok());
+        assert!(check_record("1001", None, MAX_RECORD_BYTES + 1).is_err());
+        assert!(check_record("", None, 1).is_err());
         assert!(
-            record(1, &"ü".repeat(256)).check().is_ok(),
+            check_record(&"ü".repeat(256), None, 513).is_ok(),
             "256 characters, 512 bytes"
         );
-        assert!(record(1, &"k".repeat(257)).check().is_err());
-        let mut hashed = record(1, "k");
-        hashed.explicit_hash_key = Some("340282366920938463463374607431768211455".into());
-        assert!(hashed.check().is_ok());
-        hashed.explicit_hash_key = Some("0x10".into());
-        assert!(hashed.check().is_err());
+        assert!(check_record(&"k".repeat(257), None, 258).is_err());
+        assert!(check_record("k", Some("340282366920938463463374607431768211455"), 2).is_ok());
+        assert!(check_record("k", Some("340282366920938463463374607431768211456"), 2).is_err());
+        assert!(check_record("k", Some("0x10"), 2).is_err());
     }
 
     #[test]

@@ -24,6 +24,27 @@ pub struct Message {
     pub received_at: OffsetDateTime,
     /// Released when everything the message produced is safe.
     pub settlement: Settlement,
+    /// Set when a dead letter is replayed: only this module sees it.
+    pub replay: Option<Replay>,
+}
+
+/// A dead letter sent through one module again.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// Index of the module, in configuration order.
+    pub module: usize,
+    /// For a record Kinesis refused: its keys. The record is spooled as it is,
+    /// without the guest. `None`: the payload goes through the guest.
+    pub record: Option<ReplayRecord>,
+}
+
+/// The keys of a replayed record.
+#[derive(Debug, Clone)]
+pub struct ReplayRecord {
+    /// Partition key.
+    pub partition_key: String,
+    /// Explicit hash key.
+    pub explicit_hash_key: Option<String>,
 }
 
 /// Whether the source is connected and subscribed: the host is ready when it is.

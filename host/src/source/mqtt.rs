@@ -5,6 +5,10 @@
 //! ksm is away. Messages are acknowledged only when their records are safe
 //! (see [`crate::ack`]); MQTT 5's Receive Maximum lets many messages be in
 //! flight at once despite the late acknowledgements.
+//!
+//! With `mqtt.shared_group` set, ksm subscribes through shared subscriptions
+//! (`$share/{group}/{filter}`), so the broker hands each message to one of
+//! the hosts in the group.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,6 +36,7 @@ pub struct MqttSource {
     eventloop: EventLoop,
     modules: Arc<[Arc<Module>]>,
     status: Arc<SourceStatus>,
+    filters: Vec<String>,
 }
 
 impl MqttSource {
@@ -59,11 +64,19 @@ impl MqttSource {
         // Room for one acknowledgement per message in flight, plus subscriptions.
         let requests = usize::from(config.receive_maximum) + 64;
         let (client, eventloop) = AsyncClient::new(options, requests);
+        let filters = SUBSCRIPTIONS
+            .iter()
+            .map(|topic| match &config.shared_group {
+                Some(group) => format!("$share/{group}/{topic}"),
+                None => (*topic).to_owned(),
+            })
+            .collect();
         Ok(Self {
             client,
             eventloop,
             modules,
             status,
+            filters,
         })
     }
 
@@ -148,7 +161,11 @@ impl MqttSource {
                     ),
                 );
                 if !connack.session_present {
-                    let filters = SUBSCRIPTIONS.map(|topic| Filter::new(topic, QoS::AtLeastOnce));
+                    let filters: Vec<Filter> = self
+                        .filters
+                        .iter()
+                        .map(|filter| Filter::new(filter, QoS::AtLeastOnce))
+                        .collect();
                     let client = self.client.clone();
                     tokio::spawn(async move { client.subscribe_many(filters).await });
                 }
@@ -157,7 +174,7 @@ impl MqttSource {
                 let refused: Vec<String> = suback
                     .return_codes
                     .iter()
-                    .zip(SUBSCRIPTIONS)
+                    .zip(&self.filters)
                     .filter(|(code, _)| !matches!(code, SubscribeReasonCode::Success(_)))
                     .map(|(code, topic)| format!("{topic} ({code:?})"))
                     .collect();
@@ -216,5 +233,6 @@ fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>) -> Message
         payload: publish.payload,
         received_at: OffsetDateTime::now_utc(),
         settlement: Settlement::new(on_settled),
+        replay: None,
     }
 }
