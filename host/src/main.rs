@@ -274,7 +274,7 @@ fn dead_letters(
 
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KSM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

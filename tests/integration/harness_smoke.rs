@@ -1,14 +1,17 @@
 //! The harness against the real services: if these fail, no other integration test can pass.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::config::Credentials;
+use aws_sdk_kinesis::config::retry::RetryConfig;
+use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use ksm_tests::mqtt::Subscriber;
 use ksm_tests::{
-    Kinesalite, Mosquitto, Moto, RecordingProxy, create_stream, kinesis, kinesis_client,
-    publish_all, read_all_records, unique_stream_name, wait_for_records,
+    Faults, Kinesalite, LoadPlan, LoadPublisher, Mosquitto, Moto, RecordingProxy, create_stream,
+    kinesis, kinesis_client, publish_all, read_all_records, unique_stream_name, wait_for_records,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -285,4 +288,172 @@ fn guest_component_is_built_once() {
         path.display()
     );
     assert_eq!(ksm_tests::guest_wasm(), path);
+}
+
+/// A `PutRecords` entry with `key` and the text `data`.
+fn entry(key: &str, data: &str) -> PutRecordsRequestEntry {
+    PutRecordsRequestEntry::builder()
+        .partition_key(key)
+        .data(Blob::new(data))
+        .build()
+        .expect("entry")
+}
+
+#[tokio::test]
+async fn proxy_fails_random_records_and_keeps_each_accepted_one_once() {
+    let moto = Moto::start();
+    let proxy = RecordingProxy::start(&moto.endpoint());
+    let client = kinesis_client(&proxy.endpoint()).await;
+    let stream = unique_stream_name("faults");
+    create_stream(&client, &stream, 2).await;
+    proxy.set_faults(Faults {
+        fail_record_ratio: 0.3,
+        seed: 7,
+        ..Faults::default()
+    });
+
+    let mut pending: Vec<PutRecordsRequestEntry> = (0..200)
+        .map(|i| entry(&format!("device-{}", i % 10), &format!("record {i}")))
+        .collect();
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        assert!(rounds <= 30, "{} records still failing", pending.len());
+        let mut failed = Vec::new();
+        for chunk in pending.chunks(50) {
+            let out = client
+                .put_records()
+                .stream_name(&stream)
+                .set_records(Some(chunk.to_vec()))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("PutRecords: {}", DisplayErrorContext(&e)));
+            assert_eq!(out.records().len(), chunk.len());
+            let before = failed.len();
+            for (sent, result) in chunk.iter().zip(out.records()) {
+                if let Some(code) = result.error_code() {
+                    assert_eq!(code, "ProvisionedThroughputExceededException");
+                    failed.push(sent.clone());
+                } else {
+                    assert!(result.sequence_number().is_some(), "{result:?}");
+                }
+            }
+            assert_eq!(
+                out.failed_record_count(),
+                Some(i32::try_from(failed.len() - before).expect("count"))
+            );
+        }
+        pending = failed;
+    }
+    assert!(rounds > 1, "some records must have failed");
+
+    let stats = proxy.put_records_stats();
+    assert!(stats.records_failed_injected > 0, "{stats:?}");
+    assert_eq!(
+        stats.records_received,
+        stats.records_forwarded + stats.records_failed_injected,
+        "{stats:?}"
+    );
+    assert_eq!(stats.records_forwarded, 200, "{stats:?}");
+    assert_eq!(stats.server_errors_injected, 0);
+    assert_eq!(
+        stats.requests,
+        u64::try_from(proxy.requests_for("PutRecords").len()).expect("count")
+    );
+
+    let accepted = proxy.accepted_records();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for record in &accepted {
+        let text = record.data_text();
+        let i: usize = text["record ".len()..].parse().expect("record number");
+        assert_eq!(record.partition_key, format!("device-{}", i % 10));
+        *seen.entry(text).or_default() += 1;
+    }
+    assert_eq!(accepted.len(), 200);
+    assert_eq!(seen.len(), 200);
+    assert!(seen.values().all(|&n| n == 1));
+
+    let stored = read_all_records(&kinesis_client(&moto.endpoint()).await, &stream).await;
+    assert_eq!(stored.len(), 200);
+}
+
+#[tokio::test]
+async fn proxy_down_refuses_connections_and_recovers() {
+    let moto = Moto::start();
+    let proxy = RecordingProxy::start(&moto.endpoint());
+    let config = kinesis::sdk_config(&proxy.endpoint()).await;
+    let client = aws_sdk_kinesis::Client::from_conf(
+        aws_sdk_kinesis::config::Builder::from(&config)
+            .retry_config(RetryConfig::disabled())
+            .build(),
+    );
+    let stream = unique_stream_name("down");
+    create_stream(&client, &stream, 1).await;
+    let put = || {
+        client
+            .put_records()
+            .stream_name(&stream)
+            .records(entry("k", "hello"))
+            .send()
+    };
+
+    proxy.set_down(true);
+    assert!(proxy.is_down());
+    let requests_before = proxy.requests().len();
+    // The first call finds the kept-alive connection, the second needs a new one.
+    for attempt in 0..2 {
+        let err = put().await.expect_err("PutRecords while the proxy is down");
+        assert!(
+            matches!(err, SdkError::DispatchFailure(_)),
+            "attempt {attempt}: {}",
+            DisplayErrorContext(&err)
+        );
+    }
+    let stats = proxy.put_records_stats();
+    assert!(stats.refused_while_down >= 2, "{stats:?}");
+    assert_eq!(stats.requests, 0, "{stats:?}");
+    assert_eq!(proxy.requests().len(), requests_before);
+
+    proxy.set_down(false);
+    let out = put()
+        .await
+        .unwrap_or_else(|e| panic!("PutRecords after recovery: {}", DisplayErrorContext(&e)));
+    assert_eq!(out.failed_record_count(), Some(0));
+    assert_eq!(proxy.put_records_stats().requests, 1);
+    assert_eq!(proxy.accepted_records().len(), 1);
+    assert_eq!(proxy.accepted_records()[0].data, b"hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_publisher_survives_a_graceful_broker_restart() {
+    let mut broker = Mosquitto::start_persistent();
+    let plan = LoadPlan {
+        devices: 7,
+        messages: 500,
+        rate_per_sec: 500,
+        max_in_flight: 20,
+        client_id_prefix: "ksm-tests-load".into(),
+    };
+    let publisher = LoadPublisher::start(&broker.url(), plan);
+    let deadline = Instant::now() + WAIT;
+    while publisher.stats().acked < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "only {:?} before the restart",
+            publisher.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(publisher.stats().acked < 500, "restart in the middle");
+    tokio::task::block_in_place(|| broker.restart_graceful());
+    assert!(broker.is_running());
+
+    let report = publisher.finish(Duration::from_secs(60)).await;
+    assert_eq!(report.missing(500), Vec::<u64>::new(), "{report:?}");
+    assert_eq!(report.acked.len(), 500);
+    assert!(report.reconnects >= 1, "{report:?}");
+    assert!(report.attempts >= 500, "{report:?}");
+    let log = broker.log();
+    assert!(log.contains("mosquitto terminated"), "{log}");
+    assert!(log.contains("persistence"), "{log}");
 }

@@ -8,6 +8,9 @@
 //! - `support`: the `ksm` binary as a process under test, and its admin API.
 //! - `events`, `bulk_data`: MODE events and bulk data end to end, dead letters, logs.
 //! - `credentials`: role assumption with an external ID.
+//! - `faults`: the delivery guarantees under faults (kill -9, Kinesis outage,
+//!   partial failures, broker restart, full spool, shared group).
+//! - `dead_letters`: malformed input, and dead letters listed, replayed, purged.
 //! - `kinesis_faults`: throttling and a missing stream.
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `restart`: the persistent session across restarts.
@@ -16,7 +19,9 @@
 
 mod bulk_data;
 mod credentials;
+mod dead_letters;
 mod events;
+mod faults;
 mod harness_smoke;
 mod kinesalite;
 mod kinesis_faults;

@@ -37,6 +37,15 @@ impl Bench {
         bench
     }
 
+    /// Like [`Bench::new`], on a broker that keeps sessions and queued
+    /// messages across a graceful restart.
+    pub async fn persistent_broker(prefix: &str, shards: i32) -> Bench {
+        let mut bench = Bench::without_stream(prefix).await;
+        bench.broker = Mosquitto::start_persistent();
+        create_stream(&bench.kinesis, &bench.stream, shards).await;
+        bench
+    }
+
     /// Like [`Bench::new`], but the stream is only named, not created.
     pub async fn without_stream(prefix: &str) -> Bench {
         let broker = Mosquitto::start();
@@ -57,8 +66,25 @@ impl Bench {
 
     /// Starts `ksm` with `modules`, reaching Kinesis and STS through `endpoint`.
     pub fn ksm_via(&self, endpoint: &str, client_id: &str, modules: &[ModuleSpec]) -> Ksm {
+        self.ksm_with(endpoint, client_id, modules, &HostOptions::default())
+    }
+
+    /// Like [`Bench::ksm_via`], with extra host settings.
+    pub fn ksm_with(
+        &self,
+        endpoint: &str,
+        client_id: &str,
+        modules: &[ModuleSpec],
+        options: &HostOptions,
+    ) -> Ksm {
         Ksm::start(
-            &config(&self.broker.url(), client_id, modules),
+            &config_with_options(
+                &self.broker.url(),
+                client_id,
+                &guest_wasm(),
+                modules,
+                options,
+            ),
             aws_env(endpoint, endpoint),
         )
     }
@@ -94,6 +120,17 @@ pub fn config(broker_url: &str, client_id: &str, modules: &[ModuleSpec]) -> Stri
     config_with_component(broker_url, client_id, &guest_wasm(), modules)
 }
 
+/// Extra settings of a test host: TOML lines added to its sections.
+#[derive(Debug, Default, Clone)]
+pub struct HostOptions {
+    /// Lines for `[mqtt]`.
+    pub mqtt: String,
+    /// Lines for `[kinesis]`.
+    pub kinesis: String,
+    /// Lines for `[storage]` (its `dir` is set by [`Ksm::start`]).
+    pub storage: String,
+}
+
 /// The configuration text of a test host running `component`.
 pub fn config_with_component(
     broker_url: &str,
@@ -101,14 +138,35 @@ pub fn config_with_component(
     component: &std::path::Path,
     modules: &[ModuleSpec],
 ) -> String {
+    config_with_options(
+        broker_url,
+        client_id,
+        component,
+        modules,
+        &HostOptions::default(),
+    )
+}
+
+/// The configuration text of a test host running `component`, with extra settings.
+pub fn config_with_options(
+    broker_url: &str,
+    client_id: &str,
+    component: &std::path::Path,
+    modules: &[ModuleSpec],
+    options: &HostOptions,
+) -> String {
     let mut text = format!(
-        "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n\n\
+        "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n{mqtt}\n\n\
          [admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
          [component]\npath = \"{wasm}\"\n\n\
-         [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n\n\
+         [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n{kinesis}\n\n\
+         [storage]\ndir = \"@STORAGE_DIR@\"\n{storage}\n\n\
          [[devices]]\nid = 1001\nhome_id = 77\nclass = \"thermostat\"\n\n",
         port = free_port(),
         wasm = component.display(),
+        mqtt = options.mqtt,
+        kinesis = options.kinesis,
+        storage = options.storage,
     );
     for module in modules {
         text.push_str("[[modules]]\n");
@@ -128,16 +186,19 @@ pub struct Ksm {
 }
 
 impl Ksm {
-    /// Writes `config` (its `[storage]` pointed at a fresh directory) and
-    /// starts `ksm run` with `env`, waiting until it is connected to the
-    /// broker and subscribed (`GET /api/health` answers 200).
+    /// Writes `config` (its storage directory, `@STORAGE_DIR@`, pointed
+    /// at a fresh directory) and starts `ksm run` with `env`, waiting until
+    /// it is connected to the broker and subscribed (`GET /api/health`
+    /// answers 200).
     pub fn start(config: &str, env: Vec<(String, String)>) -> Ksm {
         let dir = TempDir::new("ksm-host");
         let config_path = dir.path().join("ksm.toml");
-        let config = format!(
-            "{config}\n[storage]\ndir = \"{}\"\n",
-            dir.path().join("data").display()
-        );
+        let data = dir.path().join("data");
+        let config = if config.contains("@STORAGE_DIR@") {
+            config.replace("@STORAGE_DIR@", &data.display().to_string())
+        } else {
+            format!("{config}\n[storage]\ndir = \"{}\"\n", data.display())
+        };
         std::fs::write(&config_path, &config).expect("write the test config");
         let admin = admin_addr(&config);
         let mut ksm = Ksm {
@@ -163,7 +224,7 @@ impl Ksm {
             .arg(&self.config_path)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("KSM_LOG", "info")
+            .env("KSM_LOG", "info,fjall=warn,lsm_tree=warn")
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log)
             .spawn()
@@ -203,6 +264,38 @@ impl Ksm {
     /// GETs an admin API path and returns the status and body.
     pub fn get_raw(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// The configuration file the host runs with.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Changes the configuration file (takes effect at the next restart).
+    pub fn edit_config(&mut self, edit: impl FnOnce(&str) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read the test config");
+        std::fs::write(&self.config_path, edit(&text)).expect("write the test config");
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL ksm");
+            child.wait().expect("reap ksm");
+        }
+    }
+
+    /// Every activity log entry of a module, as text.
+    pub fn module_log(&self, module: &str) -> String {
+        self.get(&format!("/api/modules/{module}/logs"))
+            .as_array()
+            .map(|entries| {
+                entries
+                    .iter()
+                    .map(|e| format!("{} {}\n", e["level"], e["message"]))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The counters of a module from `GET /api/modules`.
@@ -290,6 +383,10 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )?;
+    read_response(stream)
+}
+
+fn read_response(mut stream: TcpStream) -> std::io::Result<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response

@@ -23,19 +23,24 @@
 //! # Layout
 //!
 //! - [`process`]: spawning a service, its log file, waiting for its port, killing it on drop.
-//! - [`mosquitto`]: [`Mosquitto`], an MQTT broker with its own config and port.
+//! - [`mosquitto`]: [`Mosquitto`], an MQTT broker with its own config and port (optionally
+//!   persistent across graceful restarts).
 //! - [`moto`]: [`Moto`], moto's server (Kinesis and STS over HTTP).
 //! - [`kinesalite`]: [`Kinesalite`], a second, independent Kinesis emulator.
-//! - [`proxy`]: [`RecordingProxy`], an HTTP proxy that records every request to an emulator.
+//! - [`proxy`]: [`RecordingProxy`], an HTTP proxy that records every request to an emulator
+//!   and can play faults (an unreachable endpoint, throttled entries, 500s, slow answers).
 //! - [`kinesis`]: SDK clients with fake credentials, the environment for a host process,
 //!   stream creation and reading back every record.
 //! - [`mqtt`]: publishing with acknowledgements, and a subscriber.
+//! - [`load`]: [`LoadPublisher`], numbered QoS 1 messages that survive broker restarts, with
+//!   a record of which the broker acknowledged.
 //! - [`artifacts`]: the guest component and the host binary, built once per test process.
 //! - this file: [`free_port`], [`TempDir`] and the re-exports.
 
 pub mod artifacts;
 pub mod kinesalite;
 pub mod kinesis;
+pub mod load;
 pub mod mosquitto;
 pub mod moto;
 pub mod mqtt;
@@ -51,10 +56,11 @@ pub use artifacts::{guest_wasm, ksm_binary, misbehaving_guest_wasm, workspace_ro
 pub use kinesalite::Kinesalite;
 pub use kinesis::{ReadRecord, aws_env, create_stream, read_all_records, unique_stream_name};
 pub use kinesis::{client as kinesis_client, wait_for_records};
+pub use load::{LoadPlan, LoadPublisher, LoadReport, LoadStats};
 pub use mosquitto::Mosquitto;
 pub use moto::Moto;
 pub use mqtt::publish_all;
-pub use proxy::{RecordedRequest, RecordingProxy};
+pub use proxy::{AcceptedRecord, Faults, PutRecordsStats, RecordedRequest, RecordingProxy};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it by binding port 0).
 ///

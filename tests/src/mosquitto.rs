@@ -1,9 +1,14 @@
 //! [`Mosquitto`]: a real MQTT broker on its own loopback port, with its own config file.
 
+use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::process::{ServiceProcess, port_accepts};
 use crate::{TempDir, free_port};
+
+/// How long [`Mosquitto::restart_graceful`] waits for the broker to exit after SIGTERM.
+const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to install the broker, shown when it is missing.
 const INSTALL_HINT: &str = "scripts/setup.sh (or: apt-get install mosquitto mosquitto-clients)";
@@ -12,7 +17,8 @@ const INSTALL_HINT: &str = "scripts/setup.sh (or: apt-get install mosquitto mosq
 ///
 /// The config keeps the broker's defaults except: one listener on loopback, anonymous clients
 /// allowed, no persistence file, and `max_queued_messages 100000` so that messages queued for
-/// a disconnected persistent session are not dropped.
+/// a disconnected persistent session are not dropped. [`Mosquitto::start_persistent`] turns
+/// persistence on.
 #[derive(Debug)]
 pub struct Mosquitto {
     port: u16,
@@ -28,12 +34,37 @@ impl Mosquitto {
 
     /// Like [`Mosquitto::start`] on a given port (which must be free).
     pub fn start_on(port: u16) -> Mosquitto {
+        Mosquitto::start_configured(port, false)
+    }
+
+    /// Like [`Mosquitto::start`], with persistence on (`persistence true`, a persistence
+    /// directory in the broker's temp dir, `autosave_interval 1`): after
+    /// [`Mosquitto::restart_graceful`], persistent sessions, their subscriptions and their
+    /// queued QoS 1 messages are still there. (A [`Mosquitto::restart`] kills the broker, so
+    /// only what was saved in the last second survives it.)
+    pub fn start_persistent() -> Mosquitto {
+        Mosquitto::start_configured(free_port(), true)
+    }
+
+    /// Writes the config and starts the broker on `port`.
+    fn start_configured(port: u16, persistent: bool) -> Mosquitto {
         let dir = TempDir::new("ksm-mosquitto");
+        let persistence = if persistent {
+            let location = persistence_dir(&dir);
+            format!(
+                "persistence true\n\
+                 persistence_location {}/\n\
+                 autosave_interval 1\n",
+                location.display()
+            )
+        } else {
+            "persistence false\n".to_owned()
+        };
         let config = format!(
             "# written by ksm-tests\n\
              listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
-             persistence false\n\
+             {persistence}\
              max_queued_messages 100000\n\
              log_dest stderr\n\
              log_type error\n\
@@ -92,15 +123,45 @@ impl Mosquitto {
         }
     }
 
-    /// Stops the broker if it runs, then starts it again on the same port and waits for it.
-    /// Sessions and queued messages are lost (`persistence false`).
+    /// Stops the broker if it runs (killing it), then starts it again on the same port and
+    /// waits for it. Sessions and queued messages are lost (without persistence; with it,
+    /// what was saved in the last second comes back).
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// Stops the broker gracefully (SIGTERM: it disconnects its clients and, with
+    /// persistence, saves its state), waiting up to 10 s before killing it, then starts it
+    /// again on the same port and waits for it.
+    pub fn restart_graceful(&mut self) {
+        self.stop_graceful();
+        self.spawn();
+    }
+
+    /// Stops the broker gracefully (SIGTERM), waiting up to 10 s before killing it. Returns
+    /// true if it exited by itself (or was not running).
+    pub fn stop_graceful(&mut self) -> bool {
+        match self.process.take() {
+            Some(mut process) => process.terminate(TERMINATE_TIMEOUT),
+            None => true,
+        }
     }
 
     /// Everything the broker has logged so far, across restarts.
     pub fn log(&self) -> String {
         crate::process::read_log(&self.dir.path().join("mosquitto.log"))
     }
+}
+
+/// Creates the persistence directory in `dir`, writable by everyone: run as root, Mosquitto
+/// drops its privileges to the `mosquitto` user before it writes its database.
+fn persistence_dir(dir: &TempDir) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let location = dir.path().join("persistence");
+    std::fs::create_dir_all(&location)
+        .unwrap_or_else(|e| panic!("create {}: {e}", location.display()));
+    std::fs::set_permissions(&location, std::fs::Permissions::from_mode(0o777))
+        .unwrap_or_else(|e| panic!("make {} writable: {e}", location.display()));
+    location
 }

@@ -124,6 +124,48 @@ impl ServiceProcess {
     }
 }
 
+impl ServiceProcess {
+    /// Asks the process to exit (SIGTERM, sent with the `kill` command) and waits up to
+    /// `timeout` for it to exit; kills it (SIGKILL) if it does not. Returns true if it exited
+    /// by itself. Does nothing (and returns true) if it already stopped.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let signalled = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        let deadline = Instant::now() + timeout;
+        let mut exited = false;
+        while signalled && Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        if !exited {
+            let _ = child.kill();
+        }
+        let status = child.wait();
+        let note = match (exited, status) {
+            (true, Ok(status)) => format!("terminated ({status})"),
+            (true, Err(e)) => format!("terminated (wait failed: {e})"),
+            (false, _) => format!("did not exit within {timeout:?} of SIGTERM; killed"),
+        };
+        let _ = OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)
+            .and_then(|mut f| writeln!(f, "--- ksm-tests: {} {note} ---", self.name));
+        exited
+    }
+}
+
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();

@@ -10,14 +10,31 @@
 //! tests and from any async runtime. Client connections may be kept alive; each request is
 //! forwarded on a fresh upstream connection and the response body is read whole (chunked or
 //! not) and returned with a `Content-Length`.
+//!
+//! # Fault modes
+//!
+//! Besides one-off injected errors ([`RecordingProxy::inject_error`]), the proxy can:
+//!
+//! - play an unreachable endpoint ([`RecordingProxy::set_down`]): every request, on a new or a
+//!   kept-alive connection, is answered by closing the connection without a response;
+//! - disturb `PutRecords` at random but reproducibly ([`RecordingProxy::set_faults`]): answer
+//!   a whole request with a 500, fail single entries with
+//!   `ProvisionedThroughputExceededException` (the emulator only sees the surviving entries,
+//!   and the response is merged back into the client's order), or delay the response.
+//!
+//! Every `PutRecords` is counted ([`RecordingProxy::put_records_stats`]) and every entry the
+//! emulator accepted is kept in order ([`RecordingProxy::accepted_records`]), so a test can
+//! check that each record landed exactly once however often it was retried.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -28,7 +45,24 @@ use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Map, Value};
 use tokio::sync::oneshot;
+
+/// The `X-Amz-Target` operation the fault modes apply to.
+const PUT_RECORDS: &str = "PutRecords";
+
+/// The body of an injected server error.
+const INJECTED_SERVER_ERROR: &str = r#"{"__type":"InternalFailure","message":"injected"}"#;
+
+/// The error code of an entry failed by the proxy.
+const INJECTED_ERROR_CODE: &str = "ProvisionedThroughputExceededException";
+
+/// The error message of an entry failed by the proxy.
+const INJECTED_ERROR_MESSAGE: &str =
+    "Rate exceeded for shard shardId-000000000000 in stream s under account 123456789012.";
+
+/// The content type of Kinesis' JSON protocol.
+const AMZ_JSON: &str = "application/x-amz-json-1.1";
 
 /// One request that went through the proxy, with the emulator's response.
 #[derive(Debug, Clone)]
@@ -167,11 +201,73 @@ struct Injection {
     body: String,
 }
 
+/// Random faults for `PutRecords` requests (see [`RecordingProxy::set_faults`]).
+///
+/// Each ratio is a probability between 0 and 1; the default injects nothing. The draws come
+/// from a small PRNG seeded with `seed`, so the same requests in the same order meet the same
+/// faults.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// The probability that one entry of a forwarded request fails with
+    /// `ProvisionedThroughputExceededException` without reaching the emulator.
+    pub fail_record_ratio: f64,
+    /// The probability that a whole request is answered 500 `InternalFailure` without being
+    /// forwarded.
+    pub server_error_ratio: f64,
+    /// The probability that the response to a forwarded request is delayed by `slow_by`.
+    pub slow_ratio: f64,
+    /// How long a slow response is delayed.
+    pub slow_by: Duration,
+    /// The PRNG seed.
+    pub seed: u64,
+}
+
+/// Counters of the `PutRecords` traffic through the proxy (see
+/// [`RecordingProxy::put_records_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutRecordsStats {
+    /// `PutRecords` requests received (not counting those refused while down).
+    pub requests: u64,
+    /// Entries in the bodies of those requests.
+    pub records_received: u64,
+    /// Entries sent on to the emulator, whether or not it accepted them.
+    pub records_forwarded: u64,
+    /// Entries the proxy failed itself (reported to the client as throttled).
+    pub records_failed_injected: u64,
+    /// Requests answered with an injected 500.
+    pub server_errors_injected: u64,
+    /// Responses delayed by [`Faults::slow_by`].
+    pub slowed: u64,
+    /// Requests (of any operation) and connections dropped without a response while down.
+    pub refused_while_down: u64,
+}
+
+/// A `PutRecords` entry the emulator accepted (see [`RecordingProxy::accepted_records`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptedRecord {
+    /// The entry's partition key.
+    pub partition_key: String,
+    /// The entry's data, base64-decoded.
+    pub data: Vec<u8>,
+}
+
+impl AcceptedRecord {
+    /// The data as (lossy) UTF-8.
+    pub fn data_text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
 /// State shared between the proxy's thread and the test.
 #[derive(Debug, Default)]
 struct Shared {
     requests: Vec<RecordedRequest>,
     injections: VecDeque<Injection>,
+    down: bool,
+    faults: Faults,
+    rng: SplitMix64,
+    stats: PutRecordsStats,
+    accepted: Vec<AcceptedRecord>,
 }
 
 /// An HTTP/1.1 proxy on `127.0.0.1:<free port>` that forwards to an upstream emulator and
@@ -283,6 +379,47 @@ impl RecordingProxy {
             body: body.to_owned(),
         });
     }
+
+    /// Plays an unreachable endpoint while `down` is true: new connections are accepted and
+    /// closed at once, and every request on a kept-alive connection is answered by closing the
+    /// connection without a response, so clients see a connection error. Such requests are
+    /// not recorded; [`PutRecordsStats::refused_while_down`] counts them.
+    pub fn set_down(&self, down: bool) {
+        lock(&self.shared).down = down;
+    }
+
+    /// True while [`RecordingProxy::set_down`] has the proxy down.
+    pub fn is_down(&self) -> bool {
+        lock(&self.shared).down
+    }
+
+    /// Applies `faults` to the `PutRecords` requests from now on and reseeds the PRNG with
+    /// `faults.seed`; `Faults::default()` turns them off. Requests still answered by
+    /// [`RecordingProxy::inject_error`] are not subject to them.
+    ///
+    /// For each request, in this order: with probability `server_error_ratio` it is answered
+    /// 500 `{"__type":"InternalFailure","message":"injected"}` and not forwarded; otherwise
+    /// each entry fails with probability `fail_record_ratio` (only the others are forwarded,
+    /// and the response lists the failed ones as `ProvisionedThroughputExceededException` in
+    /// their original places, with `FailedRecordCount` adjusted; if all fail, the emulator is
+    /// not called); then, with probability `slow_ratio`, the response waits `slow_by`. A
+    /// non-200 answer from the emulator is passed on unchanged.
+    pub fn set_faults(&self, faults: Faults) {
+        let mut state = lock(&self.shared);
+        state.rng = SplitMix64::new(faults.seed);
+        state.faults = faults;
+    }
+
+    /// The `PutRecords` counters so far.
+    pub fn put_records_stats(&self) -> PutRecordsStats {
+        lock(&self.shared).stats
+    }
+
+    /// Every `PutRecords` entry the emulator accepted so far, in the order it accepted them
+    /// (response order within a request, requests in the order their responses completed).
+    pub fn accepted_records(&self) -> Vec<AcceptedRecord> {
+        lock(&self.shared).accepted.clone()
+    }
 }
 
 impl Drop for RecordingProxy {
@@ -330,6 +467,14 @@ fn serve(
                     Err(_) => continue,
                 },
             };
+            {
+                let mut state = lock(&shared);
+                if state.down {
+                    state.stats.refused_while_down += 1;
+                    drop(stream);
+                    continue;
+                }
+            }
             let _ = stream.set_nodelay(true);
             let client = client.clone();
             let upstream = upstream.clone();
@@ -373,13 +518,33 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
     }
 }
 
+/// The service error that makes hyper close a connection without a response while the proxy
+/// is down.
+#[derive(Debug)]
+struct Down;
+
+impl fmt::Display for Down {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the proxy is down")
+    }
+}
+
+impl std::error::Error for Down {}
+
 /// Forwards one request upstream (or answers an injected error) and records it.
 async fn forward(
     req: Request<Incoming>,
     upstream: Uri,
     client: Client<HttpConnector, Full<Bytes>>,
     shared: Arc<Mutex<Shared>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, Down> {
+    {
+        let mut state = lock(&shared);
+        if state.down {
+            state.stats.refused_while_down += 1;
+            return Err(Down);
+        }
+    }
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -413,6 +578,7 @@ async fn forward(
         response_body: Vec::new(),
     };
 
+    let is_put_records = record.is_operation(PUT_RECORDS);
     let injected = {
         let mut state = lock(&shared);
         let operation = record.operation();
@@ -425,6 +591,16 @@ async fn forward(
             (i.status, i.body.clone())
         })
     };
+    if injected.is_some() && is_put_records {
+        let entries = record
+            .body_json()
+            .as_ref()
+            .and_then(put_records_entries)
+            .map_or(0, |e| e.len());
+        let mut state = lock(&shared);
+        state.stats.requests += 1;
+        state.stats.records_received += count(entries);
+    }
     let response = match injected {
         Some((status, body)) => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -435,14 +611,14 @@ async fn forward(
             );
             response
         }
+        None if is_put_records => {
+            put_records(&parts, &path, body, &upstream, &client, &shared).await
+        }
         None => send_upstream(&parts, &path, body, &upstream, &client).await,
     };
 
     record.response_status = response.status().as_u16();
-    record.response_body = response.body().clone().collect().await.map_or_else(
-        |e: Infallible| match e {},
-        |collected| collected.to_bytes().to_vec(),
-    );
+    record.response_body = body_bytes(response.body().clone()).await.to_vec();
     lock(&shared).requests.push(record);
     Ok(response)
 }
@@ -494,6 +670,260 @@ async fn send_upstream(
     out
 }
 
+/// A `PutRecords` request with the faults of [`RecordingProxy::set_faults`] applied; counts
+/// it and records the entries the emulator accepted.
+async fn put_records(
+    parts: &hyper::http::request::Parts,
+    path: &str,
+    body: Bytes,
+    upstream: &Uri,
+    client: &Client<HttpConnector, Full<Bytes>>,
+    shared: &Mutex<Shared>,
+) -> Response<Full<Bytes>> {
+    let request: Option<Value> = serde_json::from_slice(&body).ok();
+    let Some(entries) = request.as_ref().and_then(put_records_entries).cloned() else {
+        // Not a JSON body with `Records`: the emulator will say what is wrong with it.
+        lock(shared).stats.requests += 1;
+        return send_upstream(parts, path, body, upstream, client).await;
+    };
+    let (plan, slow_by) = {
+        let mut state = lock(shared);
+        state.stats.requests += 1;
+        state.stats.records_received += count(entries.len());
+        let faults = state.faults.clone();
+        (
+            plan_faults(&mut state.rng, &faults, entries.len()),
+            faults.slow_by,
+        )
+    };
+    if plan.server_error {
+        lock(shared).stats.server_errors_injected += 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            INJECTED_SERVER_ERROR.into(),
+        );
+    }
+
+    let survivors: Vec<Value> = entries
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| plan.failed.binary_search(i).is_err())
+        .map(|(_, entry)| entry.clone())
+        .collect();
+    let response = if !entries.is_empty() && survivors.is_empty() {
+        let merged = merge_put_records_response(entries.len(), &plan.failed, None);
+        lock(shared).stats.records_failed_injected += count(plan.failed.len());
+        json_response(StatusCode::OK, merged.to_string())
+    } else {
+        let forwarded_body = if plan.failed.is_empty() {
+            body
+        } else {
+            let mut rewritten = request.unwrap_or_default();
+            rewritten["Records"] = Value::Array(survivors.clone());
+            Bytes::from(rewritten.to_string())
+        };
+        lock(shared).stats.records_forwarded += count(survivors.len());
+        let response = send_upstream(parts, path, forwarded_body, upstream, client).await;
+        accept_and_merge(response, &entries, &survivors, &plan.failed, shared).await
+    };
+    if plan.slow {
+        lock(shared).stats.slowed += 1;
+        tokio::time::sleep(slow_by).await;
+    }
+    response
+}
+
+/// Records the entries the emulator accepted and, if the proxy failed some, merges them into
+/// the emulator's (200) response. Any other response is returned unchanged.
+async fn accept_and_merge(
+    response: Response<Full<Bytes>>,
+    entries: &[Value],
+    survivors: &[Value],
+    failed: &[usize],
+    shared: &Mutex<Shared>,
+) -> Response<Full<Bytes>> {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = body_bytes(body).await;
+    let Ok(upstream) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, Full::new(bytes));
+    };
+    let results = upstream
+        .get("Records")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let accepted = survivors
+        .iter()
+        .zip(results)
+        .filter(|(_, result)| result.get("ErrorCode").is_none_or(Value::is_null))
+        .map(|(entry, _)| accepted_record(entry));
+    let mut state = lock(shared);
+    state.accepted.extend(accepted);
+    if failed.is_empty() {
+        return Response::from_parts(parts, Full::new(bytes));
+    }
+    state.stats.records_failed_injected += count(failed.len());
+    drop(state);
+    let merged = merge_put_records_response(entries.len(), failed, Some(&upstream));
+    // The body changed: a checksum of the emulator's body would no longer match.
+    parts.headers.remove("x-amz-crc32");
+    Response::from_parts(parts, Full::new(Bytes::from(merged.to_string())))
+}
+
+/// The bytes of a whole body.
+async fn body_bytes(body: Full<Bytes>) -> Bytes {
+    body.collect()
+        .await
+        .map_or_else(|e: Infallible| match e {}, |collected| collected.to_bytes())
+}
+
+/// The `Records` array of a `PutRecords` request body.
+fn put_records_entries(body: &Value) -> Option<&Vec<Value>> {
+    body.get("Records").and_then(Value::as_array)
+}
+
+/// An accepted entry: its partition key and base64-decoded data (the raw text if it is not
+/// base64).
+fn accepted_record(entry: &Value) -> AcceptedRecord {
+    let text = entry
+        .get("Data")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    AcceptedRecord {
+        partition_key: entry
+            .get("PartitionKey")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        data: base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap_or_else(|_| text.as_bytes().to_vec()),
+    }
+}
+
+/// A `usize` count as a `u64` counter increment.
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// What the faults do to one `PutRecords` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FaultPlan {
+    /// Answer 500 without forwarding.
+    server_error: bool,
+    /// The indexes of the entries to fail, ascending (empty on a server error).
+    failed: Vec<usize>,
+    /// Delay the response.
+    slow: bool,
+}
+
+/// Draws the faults for a request with `entries` entries: first the server error, then (if
+/// none) one draw per entry and one for the delay.
+fn plan_faults(rng: &mut SplitMix64, faults: &Faults, entries: usize) -> FaultPlan {
+    if rng.chance(faults.server_error_ratio) {
+        return FaultPlan {
+            server_error: true,
+            failed: Vec::new(),
+            slow: false,
+        };
+    }
+    let failed = (0..entries)
+        .filter(|_| rng.chance(faults.fail_record_ratio))
+        .collect();
+    let slow = rng.chance(faults.slow_ratio);
+    FaultPlan {
+        server_error: false,
+        failed,
+        slow,
+    }
+}
+
+/// The `PutRecords` response for a request of `total` entries of which the proxy failed those
+/// at the (ascending) indexes `failed`: the emulator's results for the others (`upstream`,
+/// `None` if nothing was forwarded) in their original places, an injected
+/// `ProvisionedThroughputExceededException` in the failed places, and `FailedRecordCount` the
+/// emulator's count plus the injected ones. Other fields of `upstream` are kept. Should the
+/// emulator list fewer results than it was sent entries, the missing ones count as
+/// `InternalFailure`.
+fn merge_put_records_response(total: usize, failed: &[usize], upstream: Option<&Value>) -> Value {
+    let mut results = upstream
+        .and_then(|u| u.get("Records"))
+        .and_then(Value::as_array)
+        .map(|r| r.iter())
+        .into_iter()
+        .flatten();
+    let mut merged = Vec::with_capacity(total);
+    let mut failed_count = 0u64;
+    for index in 0..total {
+        let result = if failed.binary_search(&index).is_ok() {
+            serde_json::json!({
+                "ErrorCode": INJECTED_ERROR_CODE,
+                "ErrorMessage": INJECTED_ERROR_MESSAGE,
+            })
+        } else {
+            results.next().cloned().unwrap_or_else(|| {
+                serde_json::json!({
+                    "ErrorCode": "InternalFailure",
+                    "ErrorMessage": "proxy: the emulator returned no result for this entry",
+                })
+            })
+        };
+        if result.get("ErrorCode").is_some_and(|c| !c.is_null()) {
+            failed_count += 1;
+        }
+        merged.push(result);
+    }
+    let mut out = upstream
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_else(Map::new);
+    out.insert("FailedRecordCount".into(), Value::from(failed_count));
+    out.insert("Records".into(), Value::Array(merged));
+    Value::Object(out)
+}
+
+/// A small deterministic PRNG (SplitMix64) for the fault draws.
+#[derive(Debug, Clone, Default)]
+struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator seeded with `seed`.
+    fn new(seed: u64) -> SplitMix64 {
+        SplitMix64 { state: seed }
+    }
+
+    /// The next 64 random bits.
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// True with probability `p` (never for `p <= 0`, always for `p >= 1`). Always draws, so
+    /// the sequence does not depend on the ratios.
+    fn chance(&mut self, p: f64) -> bool {
+        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        unit < p
+    }
+}
+
+/// A JSON-protocol response with `body`.
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = plain(status, body);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(AMZ_JSON),
+    );
+    response
+}
+
 /// A response with a text body.
 fn plain(status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text.into())));
@@ -535,5 +965,105 @@ mod tests {
         assert_eq!(r.form_param("ExternalId").as_deref(), Some("ext-42"));
         assert_eq!(r.operation().as_deref(), Some("AssumeRole"));
         assert_eq!(r.assumed_access_key_id().as_deref(), Some("ASIAQ"));
+    }
+
+    #[test]
+    fn merges_injected_failures_into_the_original_order() {
+        let upstream = serde_json::json!({
+            "FailedRecordCount": 1,
+            "Records": [
+                {"SequenceNumber": "1", "ShardId": "shardId-000000000000"},
+                {"ErrorCode": "InternalFailure", "ErrorMessage": "boom"},
+                {"SequenceNumber": "3", "ShardId": "shardId-000000000001"},
+            ],
+            "EncryptionType": "NONE",
+        });
+        let merged = merge_put_records_response(5, &[1, 4], Some(&upstream));
+        assert_eq!(merged["FailedRecordCount"], 3);
+        assert_eq!(merged["EncryptionType"], "NONE");
+        let records = merged["Records"].as_array().expect("Records");
+        assert_eq!(records.len(), 5);
+        assert_eq!(records[0]["SequenceNumber"], "1");
+        assert_eq!(records[1]["ErrorCode"], INJECTED_ERROR_CODE);
+        assert_eq!(records[1]["ErrorMessage"], INJECTED_ERROR_MESSAGE);
+        assert_eq!(records[2]["ErrorCode"], "InternalFailure");
+        assert_eq!(records[3]["SequenceNumber"], "3");
+        assert_eq!(records[4]["ErrorCode"], INJECTED_ERROR_CODE);
+    }
+
+    #[test]
+    fn synthesizes_a_response_when_every_entry_failed() {
+        let merged = merge_put_records_response(2, &[0, 1], None);
+        assert_eq!(
+            merged.to_string(),
+            format!(
+                r#"{{"FailedRecordCount":2,"Records":[{{"ErrorCode":"{INJECTED_ERROR_CODE}","ErrorMessage":"{INJECTED_ERROR_MESSAGE}"}},{{"ErrorCode":"{INJECTED_ERROR_CODE}","ErrorMessage":"{INJECTED_ERROR_MESSAGE}"}}]}}"#
+            )
+        );
+        let nothing_failed = merge_put_records_response(
+            1,
+            &[],
+            Some(
+                &serde_json::json!({"FailedRecordCount": 0, "Records": [{"SequenceNumber": "9"}]}),
+            ),
+        );
+        assert_eq!(nothing_failed["FailedRecordCount"], 0);
+        assert_eq!(nothing_failed["Records"][0]["SequenceNumber"], "9");
+        let short = merge_put_records_response(2, &[], Some(&serde_json::json!({"Records": []})));
+        assert_eq!(short["FailedRecordCount"], 2);
+    }
+
+    #[test]
+    fn fault_draws_are_deterministic() {
+        let faults = Faults {
+            fail_record_ratio: 0.3,
+            server_error_ratio: 0.1,
+            slow_ratio: 0.2,
+            slow_by: Duration::from_millis(1),
+            seed: 42,
+        };
+        let draw = |seed: u64| {
+            let mut rng = SplitMix64::new(seed);
+            (0..50)
+                .map(|_| plan_faults(&mut rng, &faults, 20))
+                .collect::<Vec<_>>()
+        };
+        let first = draw(42);
+        assert_eq!(first, draw(42));
+        assert_ne!(first, draw(43));
+        assert!(first.iter().any(|p| p.server_error));
+        assert!(first.iter().any(|p| p.slow));
+        for plan in &first {
+            assert!(plan.failed.windows(2).all(|w| w[0] < w[1]));
+            assert!(plan.failed.iter().all(|&i| i < 20));
+        }
+        let failed: usize = first.iter().map(|p| p.failed.len()).sum();
+        let drawn = 20 * first.iter().filter(|p| !p.server_error).count();
+        let ratio = failed as f64 / drawn as f64;
+        assert!((0.2..0.4).contains(&ratio), "failed ratio {ratio}");
+
+        let mut rng = SplitMix64::new(7);
+        let none = plan_faults(&mut rng, &Faults::default(), 100);
+        assert_eq!(
+            none,
+            FaultPlan {
+                server_error: false,
+                failed: Vec::new(),
+                slow: false
+            }
+        );
+        let all = Faults {
+            fail_record_ratio: 1.0,
+            ..Faults::default()
+        };
+        assert_eq!(plan_faults(&mut rng, &all, 3).failed, [0, 1, 2]);
+    }
+
+    #[test]
+    fn splitmix64_matches_the_reference() {
+        // First outputs of SplitMix64 seeded with 1234567 (from the reference implementation).
+        let mut rng = SplitMix64::new(1_234_567);
+        assert_eq!(rng.next_u64(), 6_457_827_717_110_365_317);
+        assert_eq!(rng.next_u64(), 3_203_168_211_198_807_973);
     }
 }
