@@ -124,24 +124,27 @@ fn report(test: &str, acked: &BTreeSet<u64>, tally: &Tally, extra: &str) {
     );
 }
 
-/// 1. kill -9 while publishers send: every message the broker acknowledged
-///    reaches the stream after the restart.
+/// 1. kill -9 (three times) while publishers send: every message the broker
+///    acknowledged reaches the stream after the restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_host_loses_no_acknowledged_message() {
     let bench = Bench::new("fault-kill", 2).await;
     let mut host = bench.ksm("ksm-fault-kill", &[everything("crash", &bench.stream)]);
-    let publisher = LoadPublisher::start(&bench.broker.url(), plan("kill", 3000, 40, 1500));
-    wait_for_acks(&publisher, 1000).await;
-    host.kill9();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    host.restart();
+    let publisher = LoadPublisher::start(&bench.broker.url(), plan("kill", 4000, 40, 1000));
+    // Three crashes during the load.
+    for acked in [800, 1600, 2400] {
+        wait_for_acks(&publisher, acked).await;
+        host.kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        host.restart();
+    }
     let load = publisher.finish(Duration::from_secs(60)).await;
     assert!(
-        load.missing(3000).is_empty(),
+        load.missing(4000).is_empty(),
         "the broker did not take every message"
     );
     let tally = wait_for_ids(&bench, &load.acked).await;
-    report("kill -9", &load.acked, &tally, "");
+    report("kill -9 three times", &load.acked, &tally, "");
     let after = host.wait_for_counters("crash", |c| c["spool_records"] == 0);
     assert_eq!(
         after["spool_records"], 0,

@@ -277,7 +277,13 @@ impl KinesisSink {
                 }
                 continue;
             }
-            if let Some(pause) = self.send(batch.records).await {
+            // Stopping abandons a request in flight: its records stay in the
+            // spool (and may land twice if Kinesis had taken them).
+            let pause = tokio::select! {
+                pause = self.send(batch.records) => pause,
+                _ = stop.changed() => break,
+            };
+            if let Some(pause) = pause {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => {}
