@@ -2,8 +2,9 @@
 # Runs ksm end to end on this machine, with nothing from AWS:
 #   Mosquitto (MQTT broker) -> ksm (host + guest component) -> moto (Kinesis and STS).
 # It creates the 2-shard stream "ksm-quickstart", starts `ksm run` with a config like
-# examples/quickstart.toml, publishes a device event, a home event and a bulk-data payload,
-# prints the records that landed in the stream and the module's log, then stops everything.
+# examples/quickstart.toml, publishes a device event, a home event, a bulk-data payload and
+# a malformed event, prints the records that landed in the stream, the module's log and the
+# dead letter, then stops everything.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -140,6 +141,9 @@ listen = "$ADMIN"
 [component]
 path = "$GUEST"
 
+[storage]
+dir = "$WORK/data"
+
 [[devices]]
 id = 1001
 home_id = 77
@@ -177,7 +181,8 @@ printf 'raw telemetry line\n' >"$WORK/reading-3.txt"
 "$KSM" bulk encode "$WORK/reading-1.json" "$WORK/reading-2.json" "$WORK/reading-3.txt" \
     >"$WORK/bulk.msgpack"
 pub -t /devices/1001/bulkData/telemetry -f "$WORK/bulk.msgpack"
-echo "published 2 events and 1 bulk payload of 3 records"
+pub -t /devices/1001/event -m 'this is not a MODE event'
+echo "published 2 events, 1 bulk payload of 3 records and 1 malformed event"
 
 say "records in $STREAM (shard, partition key, data)"
 if ! "${TOOL[@]}" --endpoint "$MOTO" read "$STREAM" --wait-for 5 --timeout 30; then
@@ -187,5 +192,8 @@ fi
 
 say "the module's log (GET /api/modules/$MODULE/logs)"
 curl -s "http://$ADMIN/api/modules/$MODULE/logs" | pretty
+
+say "the malformed event, kept as a dead letter (ksm dead-letters list $MODULE)"
+"$KSM" dead-letters list "$MODULE" --config "$CONFIG"
 
 say "done: stopping ksm, moto and Mosquitto"
