@@ -196,7 +196,14 @@ fn dead_letters(
         (None, None) => ksm_host::config::AdminConfig::default().listen,
     };
     let client = AdminClient::new(addr);
-    let ids = |ids: &[u64]| ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    // `?ids=1,2`, or nothing for all of them.
+    let ids_query = |ids: &[u64]| {
+        if ids.is_empty() {
+            return String::new();
+        }
+        let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+        format!("?ids={}", list.join(","))
+    };
     let mut out = std::io::stdout().lock();
     match command {
         DeadLetterCommand::List { module, json } => {
@@ -239,31 +246,25 @@ fn dead_letters(
             module,
             ids: chosen,
         } => {
-            let query = if chosen.is_empty() {
-                String::new()
-            } else {
-                format!("?ids={}", ids(&chosen))
-            };
             let body = client.call(
                 "POST",
-                &format!("/api/modules/{module}/dead-letters/replay{query}"),
+                &format!(
+                    "/api/modules/{module}/dead-letters/replay{}",
+                    ids_query(&chosen)
+                ),
             )?;
             let answer: DeadLetterCount = serde_json::from_str(&body)?;
             writeln!(out, "{} dead letters queued for replay", answer.count)?;
         }
+        // `--all` and IDs exclude each other: no IDs means all.
         DeadLetterCommand::Purge {
             module,
             ids: chosen,
-            all,
+            all: _,
         } => {
-            let query = if all {
-                String::new()
-            } else {
-                format!("?ids={}", ids(&chosen))
-            };
             let body = client.call(
                 "DELETE",
-                &format!("/api/modules/{module}/dead-letters{query}"),
+                &format!("/api/modules/{module}/dead-letters{}", ids_query(&chosen)),
             )?;
             let answer: DeadLetterCount = serde_json::from_str(&body)?;
             writeln!(out, "{} dead letters deleted", answer.count)?;
