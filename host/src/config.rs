@@ -719,8 +719,14 @@ use_uuid = false
 [mqtt]
 url = "http://broker"
 colour = "blue"
+shared_group = "a/b"
 [component]
 path = ""
+[storage]
+spool_max_mib = 0
+[kinesis]
+shard_records_per_sec = 1001
+shard_bytes_per_sec = 10
 [[modules]]
 id = "AB"
 external_id = "x"
@@ -743,6 +749,10 @@ stream_name = "bad name!"
             "mqtt.colour",
             "modules[1].colour",
             "mqtt.url",
+            "mqtt.shared_group",
+            "storage.spool_max_mib",
+            "kinesis.shard_records_per_sec",
+            "kinesis.shard_bytes_per_sec",
             "component.path",
             "modules[0].id",
             "modules[0].subscribe_events",

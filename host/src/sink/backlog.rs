@@ -8,7 +8,7 @@
 //! failed record stays at its head and is sent again before anything newer.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,11 +192,12 @@ impl Backlog {
         now: Instant,
         backoff: impl Fn(u32) -> Duration,
     ) {
-        let mut failed_keys: Vec<&Arc<str>> = Vec::new();
+        let mut failed_keys: HashSet<&Arc<str>> = HashSet::new();
         let mut keys: Vec<&Arc<str>> = Vec::new();
+        let mut seen: HashSet<&Arc<str>> = HashSet::new();
         for (record, done) in records.iter().zip(done) {
             let key = &record.partition_key;
-            if keys.last() != Some(&key) && !keys.contains(&key) {
+            if seen.insert(key) {
                 keys.push(key);
             }
             let Some(queue) = self.keys.get_mut(key) else {
@@ -211,8 +212,8 @@ impl Backlog {
                         self.memory -= data.len();
                     }
                 }
-            } else if !failed_keys.contains(&key) {
-                failed_keys.push(key);
+            } else {
+                failed_keys.insert(key);
             }
         }
         for key in keys {
