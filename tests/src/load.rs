@@ -432,7 +432,7 @@ mod tests {
             serde_json::from_str(&plan.payload(7)).expect("JSON payload");
         assert_eq!(
             payload,
-            serde_json::json!({"eventType": "load", "eventData": {"id": 7, "device": 2}})
+            serde_json::json!({"eventType": "load", "eventData": {"id": 7, "device": 2}, "homeId": 1})
         );
         assert_eq!(LoadPlan::id_of(&payload), Some(7));
         assert_eq!(plan.due(0), Duration::ZERO);
