@@ -220,6 +220,8 @@ impl ModuleSpool {
         }
         also(&mut batch);
         batch.commit()?;
+        // Survives a killed process, so a crash resends less.
+        self.store.flush()?;
         let mut usage = self.usage();
         usage.records = usage.records.saturating_sub(records.len() as u64);
         let freed: u64 = records.iter().map(|(_, size)| *size as u64).sum();

@@ -4,9 +4,9 @@
 //! log). Keys are big-endian sequence numbers, so every keyspace iterates
 //! oldest first.
 //!
-//! Writes reach the operating system at once (they survive a killed
-//! process); [`Store::sync`] makes everything written so far survive a power
-//! loss, and is what an MQTT acknowledgement waits for.
+//! [`Store::flush`] hands writes to the operating system (they then survive
+//! a killed process); [`Store::sync`] makes everything written so far survive
+//! a power loss, and is what an MQTT acknowledgement waits for.
 
 use std::path::{Path, PathBuf};
 
@@ -84,6 +84,12 @@ impl Store {
     /// Makes everything written so far durable (fsync).
     pub fn sync(&self) -> Result<(), StoreError> {
         Ok(self.db.persist(PersistMode::SyncAll)?)
+    }
+
+    /// Hands everything written so far to the operating system (no fsync):
+    /// it then survives the process being killed, not a power loss.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        Ok(self.db.persist(PersistMode::Buffer)?)
     }
 }
 
