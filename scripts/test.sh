@@ -31,7 +31,8 @@ step "clippy (host, tests, guest natively)"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "clippy (guests for wasm32-wasip2)"
-cargo clippy -p ksm-guest -p ksm-fixture-misbehaving-guest --target wasm32-wasip2 -- -D warnings
+cargo clippy -p ksm-guest -p ksm-fixture-misbehaving-guest -p ksm-fixture-sockets-guest \
+    -p ksm-fixture-wrong-world-guest --target wasm32-wasip2 -- -D warnings
 
 step "tests (every crate)"
 # The integration tests use the component built above instead of building it again.

@@ -2,10 +2,12 @@
 //! each module its own configured, reusable, sandboxed guest instance.
 //!
 //! The guest gets a WASI context with nothing granted: no preopened
-//! directories, no environment, no arguments, no stdio, no network. Every
-//! call runs under a deadline (epoch interruption) and a memory limit; a
-//! guest that traps or overruns them fails that one call, and its instance
-//! is replaced before the next call.
+//! directories, no environment, no arguments, no stdio, no network. A
+//! component that imports anything beyond [`GRANTED_IMPORTS`] (sockets,
+//! HTTP, or any non-WASI interface) is refused when it is loaded. Every call
+//! runs under a deadline (epoch interruption) and a memory limit; a guest
+//! that traps or overruns them fails that one call, and its instance is
+//! replaced before the next call.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +25,44 @@ use crate::bindings::{GuestError, SmartModule, SmartModulePre, describe};
 
 /// How often the engine's epoch advances; call deadlines are multiples of it.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// The interfaces (any version) a guest may import. Each WASI one is linked to a
+/// WASI context that grants nothing: the environment and arguments are
+/// empty, stdio is closed, no directory is preopened (so the filesystem
+/// interfaces show no files), and there is no network. Language runtimes
+/// import these whether or not they use them.
+pub const GRANTED_IMPORTS: &[&str] = &[
+    // The contract's own types (no functions).
+    "ksm:smart-module/types",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:clocks/monotonic-clock",
+    "wasi:clocks/wall-clock",
+    "wasi:filesystem/types",
+    "wasi:filesystem/preopens",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// True if the host gives the import `name` (`wasi:cli/exit@0.2.3`).
+fn is_granted(name: &str) -> bool {
+    let interface = name
+        .split_once('@')
+        .map_or(name, |(interface, _)| interface);
+    GRANTED_IMPORTS.contains(&interface)
+}
 
 /// Sandbox limits for every guest instance.
 #[derive(Debug, Clone, Copy)]
@@ -53,8 +93,19 @@ pub enum RuntimeError {
         /// What went wrong.
         source: wasmtime::Error,
     },
-    /// The component imports something the host does not give, or does not
-    /// export the `ksm:smart-module` world.
+    /// The component imports an interface the host does not give.
+    #[error(
+        "component {path} imports `{import}`, which ksm does not give to guests: a guest gets \
+         no sockets, HTTP, files, environment or credentials (granted: WASI cli, clocks, io, \
+         random, and filesystem with nothing preopened)"
+    )]
+    Import {
+        /// The component file.
+        path: PathBuf,
+        /// The refused import.
+        import: String,
+    },
+    /// The component does not export the `ksm:smart-module` world.
     #[error("component {path} does not fit the ksm:smart-module world: {source:#}")]
     Link {
         /// The component file.
@@ -129,6 +180,16 @@ impl Runtime {
                 path: path.to_owned(),
                 source,
             })?;
+        let component_type = component.component_type();
+        if let Some((import, _)) = component_type
+            .imports(&engine)
+            .find(|(name, _)| !is_granted(name))
+        {
+            return Err(RuntimeError::Import {
+                path: path.to_owned(),
+                import: import.to_owned(),
+            });
+        }
         let mut linker = Linker::<GuestState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|source| {
             RuntimeError::Link {
@@ -295,5 +356,21 @@ impl Guest {
             .call_configure(&mut self.store, &settings)
             .map_err(RuntimeError::Trap)?
             .map_err(RuntimeError::Settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_granted_interfaces_pass_whatever_their_version() {
+        assert!(is_granted("wasi:cli/environment@0.2.3"));
+        assert!(is_granted("wasi:io/streams@0.2.0"));
+        assert!(is_granted("wasi:random/random"));
+        assert!(!is_granted("wasi:sockets/tcp@0.2.3"));
+        assert!(!is_granted("wasi:http/outgoing-handler@0.2.3"));
+        assert!(!is_granted("wasi:cli/environment-extra@0.2.3"));
+        assert!(!is_granted("acme:secrets/vault"));
     }
 }

@@ -1,13 +1,17 @@
 //! The guest is untrusted: one that traps, loops or eats memory costs the
-//! message it was handling (kept as a dead letter), not the host.
+//! message it was handling (kept as a dead letter), not the host; one that
+//! imports what the host does not give, or is of another world, is refused
+//! when it is loaded.
 
 use std::time::Duration;
 
 use ksm_host::bindings::types::{DeviceContext, ModuleSettings};
 use ksm_host::runtime::{GuestLimits, Runtime, RuntimeError};
-use ksm_tests::{aws_env, misbehaving_guest_wasm};
+use ksm_tests::{
+    aws_env, guest_wasm, misbehaving_guest_wasm, sockets_guest_wasm, wrong_world_guest_wasm,
+};
 
-use crate::support::{Bench, Ksm, config_with_component, dead_letter_data, module};
+use crate::support::{Bench, Ksm, config_with_component, dead_letter_data, ksm_command, module};
 
 fn context() -> DeviceContext {
     DeviceContext {
@@ -103,4 +107,39 @@ async fn failing_messages_become_dead_letters_and_the_rest_flows() {
     let counters = host.counters("sandboxed");
     assert_eq!(counters["received"], 6);
     assert_eq!(counters["dead_lettered"], 3);
+}
+
+#[test]
+fn a_guest_that_imports_sockets_is_refused_at_load_naming_the_import() {
+    let path = sockets_guest_wasm();
+    match Runtime::load(&path) {
+        Err(RuntimeError::Import { import, .. }) => {
+            assert!(import.starts_with("wasi:sockets/"), "{import}");
+        }
+        Err(other) => panic!("expected an import refusal, got {other}"),
+        Ok(_) => panic!("a guest importing wasi:sockets must not load"),
+    }
+    let (ok, _, stderr) = ksm_command(&["conformance", &path.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("imports `wasi:sockets/") && stderr.contains("does not give to guests"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_component_of_another_world_is_refused_at_load() {
+    match Runtime::load(&wrong_world_guest_wasm()) {
+        Err(RuntimeError::Link { source, .. }) => {
+            let text = format!("{source:#}");
+            assert!(text.contains("ksm:smart-module"), "{text}");
+        }
+        Err(other) => panic!("expected a world mismatch, got {other}"),
+        Ok(_) => panic!("a component of another world must not load"),
+    }
+}
+
+#[test]
+fn the_reference_guest_imports_only_what_the_host_gives() {
+    Runtime::load(&guest_wasm()).expect("the reference guest loads");
 }

@@ -87,6 +87,24 @@ pub fn misbehaving_guest_wasm() -> PathBuf {
         .clone()
 }
 
+/// A guest of the smart-module world that opens a TCP connection, so its component imports
+/// `wasi:sockets` (`tests/fixtures/sockets-guest`). Built once per test process.
+pub fn sockets_guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| component("ksm-fixture-sockets-guest", "KSM_SOCKETS_WASM"))
+        .clone()
+}
+
+/// A valid component of another world (`tests/fixtures/wrong-world-guest`). Built once per
+/// test process.
+pub fn wrong_world_guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| component("ksm-fixture-wrong-world-guest", "KSM_WRONG_WORLD_WASM"))
+        .clone()
+}
+
 /// The file the environment variable `var` names, if it is set (it must exist).
 fn overridden(var: &str) -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os(var)?);

@@ -52,7 +52,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub use artifacts::{guest_wasm, ksm_binary, misbehaving_guest_wasm, workspace_root};
+pub use artifacts::{
+    guest_wasm, ksm_binary, misbehaving_guest_wasm, sockets_guest_wasm, workspace_root,
+    wrong_world_guest_wasm,
+};
 pub use kinesalite::Kinesalite;
 pub use kinesis::{ReadRecord, aws_env, create_stream, read_all_records, unique_stream_name};
 pub use kinesis::{client as kinesis_client, wait_for_records};
