@@ -15,6 +15,9 @@
 //!   Answers 202 with the number queued.
 //! - `DELETE /api/modules/{id}/dead-letters?ids=1,2`: deletes dead letters
 //!   (all if `ids` is absent); answers with the number deleted.
+//! - `POST /api/component/reload`: loads the components whose files
+//!   changed, checks them and swaps them in; answers what happened to each
+//!   (200, or 422 if one failed and its modules kept the running one).
 
 use std::sync::Arc;
 
@@ -29,6 +32,7 @@ use tokio::sync::mpsc::WeakSender;
 
 use crate::ack::Settlement;
 use crate::activity::{CounterSnapshot, Level, LogEntry};
+use crate::components::{ComponentInfo, Components, ReloadOutcome};
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
 use crate::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
@@ -53,6 +57,8 @@ pub struct ModuleSummary {
     pub bulk_data_label: Option<String>,
     /// Counters since start.
     pub counters: CounterSnapshot,
+    /// The component its guest runs.
+    pub component: Option<ComponentInfo>,
 }
 
 /// An error answer: a status and a plain-text reason.
@@ -85,6 +91,7 @@ struct AppState {
     modules: Modules,
     source: Arc<SourceStatus>,
     inbox: WeakSender<Message>,
+    components: Arc<Components>,
 }
 
 /// The answer of replay and purge calls.
@@ -127,7 +134,12 @@ impl IdsQuery {
 
 /// The admin API's routes over the running modules; replays go into `inbox`
 /// (held weakly, so it does not keep the router running at shutdown).
-pub fn router(modules: Modules, source: Arc<SourceStatus>, inbox: WeakSender<Message>) -> Router {
+pub fn router(
+    modules: Modules,
+    source: Arc<SourceStatus>,
+    inbox: WeakSender<Message>,
+    components: Arc<Components>,
+) -> Router {
     Router::new()
         .route("/api/health", get(health))
         .route("/api/modules", get(list_modules))
@@ -141,10 +153,12 @@ pub fn router(modules: Modules, source: Arc<SourceStatus>, inbox: WeakSender<Mes
             post(replay_dead_letters),
         )
         .route("/api/modules/{id}/dead-letters/{n}", get(dead_letter))
+        .route("/api/component/reload", post(reload_components))
         .with_state(AppState {
             modules,
             source,
             inbox,
+            components,
         })
 }
 
@@ -175,6 +189,11 @@ async fn list_modules(
                 subscribe_events: m.config.subscribe_events.clone(),
                 bulk_data_label: m.config.bulk_data_label.clone(),
                 counters: m.counters(),
+                component: m
+                    .component
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
             })
             .collect(),
     )
@@ -328,6 +347,20 @@ fn replay_message(
             record,
         }),
     })
+}
+
+async fn reload_components(
+    State(AppState { components, .. }): State<AppState>,
+) -> (StatusCode, Json<Vec<ReloadOutcome>>) {
+    let outcomes = tokio::task::spawn_blocking(move || components.reload("admin API request"))
+        .await
+        .unwrap_or_default();
+    let status = if outcomes.iter().any(|o| o.outcome == "failed") {
+        StatusCode::UNPROCESSABLE_ENTITY
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(outcomes))
 }
 
 fn internal(error: impl std::fmt::Display) -> ApiError {

@@ -106,6 +106,9 @@ pub struct ComponentConfig {
     pub call_timeout_ms: u64,
     /// Most linear memory one guest instance may use, MiB.
     pub max_memory_mib: u32,
+    /// How often component files are checked for changes, which are then
+    /// swapped in, milliseconds; 0 turns watching off.
+    pub watch_interval_ms: u64,
 }
 
 impl Default for ComponentConfig {
@@ -114,6 +117,7 @@ impl Default for ComponentConfig {
             path: PathBuf::new(),
             call_timeout_ms: 50,
             max_memory_mib: 64,
+            watch_interval_ms: 1000,
         }
     }
 }
@@ -207,6 +211,8 @@ pub struct ModuleConfig {
     pub use_uuid: bool,
     /// Largest record, data plus partition key, bytes (at most 1 MiB).
     pub max_record_size: u32,
+    /// This module's own component; by default it runs `component.path`.
+    pub component: Option<PathBuf>,
 }
 
 impl Default for ModuleConfig {
@@ -222,6 +228,7 @@ impl Default for ModuleConfig {
             stream_name: String::new(),
             use_uuid: false,
             max_record_size: KINESIS_MAX_RECORD_BYTES,
+            component: None,
         }
     }
 }
@@ -279,6 +286,14 @@ fn list(problems: &[Problem]) -> String {
 }
 
 impl Config {
+    /// The component file module `module` runs: its own, or `component.path`.
+    pub fn component_of(&self, module: &ModuleConfig) -> PathBuf {
+        module
+            .component
+            .clone()
+            .unwrap_or_else(|| self.component.path.clone())
+    }
+
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -435,6 +450,16 @@ impl Config {
                 && let Err(message) = check_topic_level(label)
             {
                 report(field("bulk_data_label"), message);
+            }
+            if module
+                .component
+                .as_ref()
+                .is_some_and(|path| path.as_os_str().is_empty())
+            {
+                report(
+                    field("component"),
+                    "must be a path; leave it out to run component.path".into(),
+                );
             }
             if let Some(arn) = &module.role_arn
                 && let Err(message) = check_role_arn(arn)

@@ -18,11 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::activity::Level;
-use crate::bindings::types::ModuleSettings;
+use crate::components::{ComponentError, Components};
 use crate::config::Config;
 use crate::module::Module;
 use crate::router::{Route, Router};
-use crate::runtime::{GuestLimits, Runtime, RuntimeError};
+use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
 use crate::sink::kinesis::{self, KinesisSink};
 use crate::source::SourceStatus;
 use crate::source::mqtt::MqttSource;
@@ -41,17 +41,12 @@ const RECOVERY_MEMORY: usize = 64 * 1024 * 1024;
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The component could not be loaded, or refused a module's settings.
-    #[error("module `{module}`: {source}")]
-    Guest {
-        /// Module ID.
-        module: String,
-        /// What the runtime said.
-        source: RuntimeError,
-    },
-    /// The component could not be loaded.
+    /// A component could not be loaded, or refused a module's settings.
     #[error(transparent)]
-    Component(RuntimeError),
+    Component(#[from] ComponentError),
+    /// The WebAssembly engine could not be set up.
+    #[error(transparent)]
+    Engine(RuntimeError),
     /// The store could not be opened or read.
     #[error(transparent)]
     Storage(#[from] StoreError),
@@ -80,6 +75,7 @@ pub struct Host {
     router: std::thread::JoinHandle<()>,
     committer: std::thread::JoinHandle<()>,
     sinks: Vec<JoinHandle<()>>,
+    reloaders: Vec<JoinHandle<()>>,
     admin: JoinHandle<()>,
 }
 
@@ -91,37 +87,38 @@ impl Host {
             call_timeout: Duration::from_millis(config.component.call_timeout_ms),
             max_memory_bytes: config.component.max_memory_mib as usize * 1024 * 1024,
         };
-        let path = config.component.path.clone();
-        let runtime = tokio::task::spawn_blocking(move || Runtime::load_with(&path, limits))
-            .await
-            .expect("component loading does not panic")
-            .map_err(StartError::Component)?;
-
         let store = Store::open(&config.storage.dir)?;
         let spool_max_bytes = config.storage.spool_max_mib * 1024 * 1024;
-        let (sink_stop, sink_stop_rx) = watch::channel(false);
         let mut modules = Vec::new();
-        let mut routes = Vec::new();
-        let mut targets = Vec::new();
-        let mut sinks = Vec::new();
         for module_config in &config.modules {
-            let module = Arc::new(Module::open(
+            modules.push(Arc::new(Module::open(
                 module_config.clone(),
                 &store,
                 spool_max_bytes,
-            )?);
-            let settings = ModuleSettings {
-                subscribe_events: module_config.subscribe_events.clone(),
-                bulk_data_label: module_config.bulk_data_label.clone(),
-                use_uuid: module_config.use_uuid,
-                max_record_size: module_config.max_record_size,
-            };
-            let guest = runtime
-                .instantiate(&settings)
-                .map_err(|source| StartError::Guest {
-                    module: module_config.id.clone(),
-                    source,
-                })?;
+            )?));
+        }
+        let modules: Arc<[Arc<Module>]> = modules.into();
+
+        let cache = config.storage.dir.join("component-cache");
+        let engine = GuestEngine::new(limits, Some(&cache)).map_err(StartError::Engine)?;
+        let (swap_tx, swap_rx) = std::sync::mpsc::channel();
+        let components = Arc::new(Components::new(
+            engine,
+            modules.clone(),
+            |module| config.component_of(module),
+            swap_tx,
+        ));
+        let loading = components.clone();
+        let guests = tokio::task::spawn_blocking(move || loading.load_all())
+            .await
+            .expect("component loading does not panic")?;
+
+        let (sink_stop, sink_stop_rx) = watch::channel(false);
+        let mut routes = Vec::new();
+        let mut targets = Vec::new();
+        let mut sinks = Vec::new();
+        for (module, guest) in modules.iter().zip(guests) {
+            let module_config = &module.config;
             let recovered = module.spool.recover(RECOVERY_MEMORY)?;
             let next_seq = module.spool.next_seq()?;
             let client = kinesis::client(module_config, &config.kinesis).await;
@@ -157,9 +154,7 @@ impl Host {
                 module: module.clone(),
                 guest,
             });
-            modules.push(module);
         }
-        let modules: Arc<[Arc<Module>]> = modules.into();
 
         let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
         let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
@@ -182,18 +177,29 @@ impl Host {
             source,
         })?;
         let status = Arc::new(SourceStatus::default());
-        let app = crate::admin::router(modules.clone(), status.clone(), inbox_tx.downgrade());
+        let app = crate::admin::router(
+            modules.clone(),
+            status.clone(),
+            inbox_tx.downgrade(),
+            components.clone(),
+        );
         let admin = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!("admin API stopped: {error}");
             }
         });
 
-        let router = Router::new(routes, &config.devices, job_tx);
+        let router = Router::new(routes, &config.devices, job_tx, swap_rx);
         let router = std::thread::Builder::new()
             .name("ksm-router".into())
             .spawn(move || router.run(inbox_rx))
             .expect("the OS can start the router thread");
+
+        let mut reloaders = vec![tokio::spawn(reload_on_sighup(components.clone()))];
+        if config.component.watch_interval_ms > 0 {
+            let interval = Duration::from_millis(config.component.watch_interval_ms);
+            reloaders.push(tokio::spawn(reload_on_change(components.clone(), interval)));
+        }
 
         let source =
             MqttSource::new(&config.mqtt, modules.clone(), status).map_err(StartError::Mqtt)?;
@@ -212,6 +218,7 @@ impl Host {
             router,
             committer,
             sinks,
+            reloaders,
             admin,
         })
     }
@@ -232,6 +239,7 @@ impl Host {
     /// for the next run; messages not yet committed stay unacknowledged and
     /// the broker delivers them again.
     pub async fn stop(self) {
+        self.reloaders.iter().for_each(JoinHandle::abort);
         let _ = self.intake.send(true);
         // A committer waiting for room in a full spool gives up: the
         // message it holds stays unacknowledged.
@@ -268,6 +276,46 @@ impl Host {
         };
         tokio::join!(acks_sent, sinks_done);
         self.admin.abort();
+    }
+}
+
+/// Reloads the components on SIGHUP.
+async fn reload_on_sighup(components: Arc<Components>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload components through the admin API");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let components = components.clone();
+            let _ = tokio::task::spawn_blocking(move || components.reload("SIGHUP")).await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = components;
+}
+
+/// Reloads the components when their files change (and have settled).
+async fn reload_on_change(components: Arc<Components>, interval: Duration) {
+    let mut seen = std::collections::BTreeMap::new();
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let watching = components.clone();
+        let (changed, after) = tokio::task::spawn_blocking(move || {
+            let changed = watching.changed_on_disk(&mut seen);
+            (changed, seen)
+        })
+        .await
+        .unwrap_or_default();
+        seen = after;
+        if changed {
+            let components = components.clone();
+            let _ = tokio::task::spawn_blocking(move || components.reload("file changed")).await;
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`source`]: MQTT input ([`source::mqtt`]) and MODE topic names ([`source::topic`]).
 //! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component.
+//! - [`components`]: which component each module runs; hot swap.
 //! - [`router`]: hands each message to every module's guest.
 //! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
 //! - [`ack`]: late MQTT acknowledgement once records are spooled.
@@ -23,6 +24,7 @@ pub mod admin_client;
 pub mod bindings;
 pub mod bulk;
 pub mod clock;
+pub mod components;
 pub mod config;
 pub mod conformance;
 pub mod dead_letter;

@@ -136,9 +136,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Validate { config: path } => match Config::load(&path) {
             Ok(config) => {
-                // The settings are valid; the component must load and fit the world too.
-                if let Err(error) = Runtime::load(&config.component.path) {
-                    eprintln!("{}:\n  - component.path: {error}", path.display());
+                // The settings are valid; every component must load and fit the world too.
+                let mut components: Vec<(String, PathBuf)> =
+                    vec![("component.path".into(), config.component.path.clone())];
+                for (i, module) in config.modules.iter().enumerate() {
+                    if let Some(own) = &module.component {
+                        components.push((format!("modules[{i}].component"), own.clone()));
+                    }
+                }
+                let mut failed = false;
+                for (field, component) in components {
+                    if let Err(error) = Runtime::load(&component) {
+                        eprintln!("{}:\n  - {field}: {error}", path.display());
+                        failed = true;
+                    }
+                }
+                if failed {
                     return Ok(ExitCode::FAILURE);
                 }
                 println!(

@@ -1,7 +1,10 @@
 //! A running smart module: its settings, activity, spool and dead letters,
 //! shared by the router, the committer, its Kinesis sink and the admin API.
 
+use std::sync::Mutex;
+
 use crate::activity::{ActivityLog, CounterSnapshot, Counters, Level};
+use crate::components::ComponentInfo;
 use crate::config::ModuleConfig;
 use crate::dead_letter::{DeadLetter, DeadLetterStore};
 use crate::spool::ModuleSpool;
@@ -20,6 +23,8 @@ pub struct Module {
     pub dead_letters: DeadLetterStore,
     /// Records waiting for Kinesis.
     pub spool: ModuleSpool,
+    /// The component its guest runs (set once loaded, changed by swaps).
+    pub component: Mutex<Option<ComponentInfo>>,
 }
 
 impl Module {
@@ -34,6 +39,7 @@ impl Module {
             counters: Counters::default(),
             dead_letters: DeadLetterStore::open(store, &config.id)?,
             spool: ModuleSpool::open(store, &config.id, spool_max_bytes)?,
+            component: Mutex::new(None),
             config,
         })
     }

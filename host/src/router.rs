@@ -8,15 +8,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc::SyncSender;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::activity::Counters;
+use crate::activity::{Counters, Level};
 use crate::bindings::describe;
 use crate::bindings::types::{BulkOutput, DeviceContext, HomeContext, KinesisRecord, Span};
 use crate::clock;
+use crate::components::Swap;
 use crate::config::DeviceConfig;
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
@@ -38,6 +40,7 @@ pub struct Router {
     routes: Vec<Route>,
     devices: HashMap<u64, DeviceConfig>,
     committer: SyncSender<Job>,
+    swaps: Receiver<Swap>,
 }
 
 /// What one module made of one message.
@@ -56,12 +59,19 @@ struct Produced {
 
 impl Router {
     /// A router over the given modules (in configuration order) and device
-    /// registry, committing through `committer`.
-    pub fn new(routes: Vec<Route>, devices: &[DeviceConfig], committer: SyncSender<Job>) -> Self {
+    /// registry, committing through `committer` and taking new guests from
+    /// `swaps` between messages.
+    pub fn new(
+        routes: Vec<Route>,
+        devices: &[DeviceConfig],
+        committer: SyncSender<Job>,
+        swaps: Receiver<Swap>,
+    ) -> Self {
         Self {
             routes,
             devices: devices.iter().map(|d| (d.id, d.clone())).collect(),
             committer,
+            swaps,
         }
     }
 
@@ -69,7 +79,35 @@ impl Router {
     /// closes the committer's input, so it commits what is left and ends.
     pub fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
         while let Some(message) = inbox.blocking_recv() {
+            while let Ok(swap) = self.swaps.try_recv() {
+                self.switch(swap);
+            }
             self.route(message);
+        }
+    }
+
+    /// Puts new guests in service: the next message goes to them; the old
+    /// instances are dropped.
+    fn switch(&mut self, swap: Swap) {
+        let started = Instant::now();
+        let mut switched = Vec::with_capacity(swap.guests.len());
+        for (index, guest, info) in swap.guests {
+            let Some(route) = self.routes.get_mut(index) else {
+                continue;
+            };
+            route.guest = guest;
+            switched.push((index, info));
+        }
+        let pause = started.elapsed();
+        for (index, info) in switched {
+            self.routes[index].module.log.write(
+                Level::Info,
+                format!(
+                    "now running component sha256 {} (switched between two messages in {} µs)",
+                    &info.sha256[..info.sha256.len().min(12)],
+                    pause.as_micros()
+                ),
+            );
         }
     }
 

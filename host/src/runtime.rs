@@ -105,6 +105,17 @@ pub enum RuntimeError {
         /// The refused import.
         import: String,
     },
+    /// The engine could not be set up.
+    #[error("cannot set up the WebAssembly engine: {0:#}")]
+    Engine(wasmtime::Error),
+    /// The compiled-component cache could not be set up.
+    #[error("cannot use {dir} for compiled components: {source:#}")]
+    Cache {
+        /// The cache directory.
+        dir: PathBuf,
+        /// What went wrong.
+        source: wasmtime::Error,
+    },
     /// The component does not export the `ksm:smart-module` world.
     #[error("component {path} does not fit the ksm:smart-module world: {source:#}")]
     Link {
@@ -135,13 +146,89 @@ impl Drop for EpochTicker {
     }
 }
 
+/// The wasmtime engine every guest runs on: its sandbox limits, its epoch
+/// ticker and (optionally) a cache of compiled components. Cheap to clone.
+#[derive(Clone)]
+pub struct GuestEngine {
+    engine: Engine,
+    limits: GuestLimits,
+    _ticker: Arc<EpochTicker>,
+}
+
+impl GuestEngine {
+    /// An engine with these limits; with `cache_dir`, compiled components
+    /// are kept there, keyed by their content and the engine's version and
+    /// settings, so loading a component again takes milliseconds.
+    pub fn new(limits: GuestLimits, cache_dir: Option<&Path>) -> Result<Self, RuntimeError> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        if let Some(dir) = cache_dir {
+            let cache_error = |source| RuntimeError::Cache {
+                dir: dir.to_owned(),
+                source,
+            };
+            std::fs::create_dir_all(dir).map_err(|e| cache_error(e.into()))?;
+            let dir = std::path::absolute(dir).map_err(|e| cache_error(e.into()))?;
+            let mut cache = wasmtime::CacheConfig::new();
+            cache.with_directory(dir);
+            config.cache(Some(wasmtime::Cache::new(cache).map_err(cache_error)?));
+        }
+        let engine = Engine::new(&config).map_err(RuntimeError::Engine)?;
+        let ticker = Arc::new(start_epoch_ticker(&engine));
+        Ok(Self {
+            engine,
+            limits,
+            _ticker: ticker,
+        })
+    }
+
+    /// Loads, checks (imports and world), compiles and links a component.
+    pub fn load(&self, path: &Path) -> Result<Runtime, RuntimeError> {
+        let bytes = std::fs::read(path).map_err(|source| RuntimeError::Load {
+            path: path.to_owned(),
+            source: source.into(),
+        })?;
+        self.load_bytes(path, &bytes)
+    }
+
+    /// Like [`GuestEngine::load`], for a component already read from `path`.
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Runtime, RuntimeError> {
+        let engine = &self.engine;
+        let component = Component::new(engine, bytes).map_err(|source| RuntimeError::Load {
+            path: path.to_owned(),
+            source,
+        })?;
+        let component_type = component.component_type();
+        if let Some((import, _)) = component_type
+            .imports(engine)
+            .find(|(name, _)| !is_granted(name))
+        {
+            return Err(RuntimeError::Import {
+                path: path.to_owned(),
+                import: import.to_owned(),
+            });
+        }
+        let link_error = |source| RuntimeError::Link {
+            path: path.to_owned(),
+            source,
+        };
+        let mut linker = Linker::<GuestState>::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_error)?;
+        let instance_pre = linker.instantiate_pre(&component).map_err(link_error)?;
+        let pre = SmartModulePre::new(instance_pre).map_err(link_error)?;
+        Ok(Runtime {
+            engine: self.clone(),
+            pre,
+        })
+    }
+}
+
 /// A loaded, compiled and linked component, ready to instantiate.
 #[derive(Clone)]
 pub struct Runtime {
-    engine: Engine,
+    engine: GuestEngine,
     pre: SmartModulePre<GuestState>,
-    limits: GuestLimits,
-    _ticker: Arc<EpochTicker>,
 }
 
 /// What each guest store holds: an empty WASI context and the limits.
@@ -166,50 +253,9 @@ impl Runtime {
         Self::load_with(path, GuestLimits::default())
     }
 
-    /// Loads, compiles and links a component.
+    /// Loads, compiles and links a component on an engine of its own.
     pub fn load_with(path: &Path, limits: GuestLimits) -> Result<Runtime, RuntimeError> {
-        let mut config = wasmtime::Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let engine = Engine::new(&config).map_err(|source| RuntimeError::Load {
-            path: path.to_owned(),
-            source,
-        })?;
-        let component =
-            Component::from_file(&engine, path).map_err(|source| RuntimeError::Load {
-                path: path.to_owned(),
-                source,
-            })?;
-        let component_type = component.component_type();
-        if let Some((import, _)) = component_type
-            .imports(&engine)
-            .find(|(name, _)| !is_granted(name))
-        {
-            return Err(RuntimeError::Import {
-                path: path.to_owned(),
-                import: import.to_owned(),
-            });
-        }
-        let mut linker = Linker::<GuestState>::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|source| {
-            RuntimeError::Link {
-                path: path.to_owned(),
-                source,
-            }
-        })?;
-        let link_error = |source| RuntimeError::Link {
-            path: path.to_owned(),
-            source,
-        };
-        let instance_pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = SmartModulePre::new(instance_pre).map_err(link_error)?;
-        let ticker = Arc::new(start_epoch_ticker(&engine));
-        Ok(Runtime {
-            engine,
-            pre,
-            limits,
-            _ticker: ticker,
-        })
+        GuestEngine::new(limits, None)?.load(path)
     }
 
     /// Creates an instance and configures it with one module's settings.
@@ -230,11 +276,11 @@ impl Runtime {
             wasi: WasiCtx::builder().build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
-                .memory_size(self.limits.max_memory_bytes)
+                .memory_size(self.engine.limits.max_memory_bytes)
                 .trap_on_grow_failure(true)
                 .build(),
         };
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(self.deadline_ticks());
         store.epoch_deadline_trap();
@@ -246,7 +292,7 @@ impl Runtime {
     }
 
     fn deadline_ticks(&self) -> u64 {
-        let ticks = self.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis();
+        let ticks = self.engine.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis();
         u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
     }
 }

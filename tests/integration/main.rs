@@ -12,6 +12,7 @@
 //!   partial failures, broker restart, full spool, shared group).
 //! - `dead_letters`: malformed input, and dead letters listed, replayed, purged.
 //! - `kinesis_faults`: throttling and a missing stream.
+//! - `hot_swap`: components swapped while ksm runs; bad ones refused; per-module components.
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `restart`: the persistent session across restarts.
 //! - `untrusted_guest`: a guest that traps, loops or eats memory costs one message.
@@ -23,6 +24,7 @@ mod dead_letters;
 mod events;
 mod faults;
 mod harness_smoke;
+mod hot_swap;
 mod kinesalite;
 mod kinesis_faults;
 mod restart;

@@ -129,6 +129,8 @@ pub struct HostOptions {
     pub kinesis: String,
     /// Lines for `[storage]` (its `dir` is set by [`Ksm::start`]).
     pub storage: String,
+    /// Lines for `[component]` (its `path` is set by the caller).
+    pub component: String,
 }
 
 /// The configuration text of a test host running `component`.
@@ -158,7 +160,7 @@ pub fn config_with_options(
     let mut text = format!(
         "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n{mqtt}\n\n\
          [admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
-         [component]\npath = \"{wasm}\"\n\n\
+         [component]\npath = \"{wasm}\"\n{component}\n\n\
          [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n{kinesis}\n\n\
          [storage]\ndir = \"@STORAGE_DIR@\"\n{storage}\n\n\
          [[devices]]\nid = 1001\nhome_id = 77\nclass = \"thermostat\"\n\n",
@@ -167,6 +169,7 @@ pub fn config_with_options(
         mqtt = options.mqtt,
         kinesis = options.kinesis,
         storage = options.storage,
+        component = options.component,
     );
     for module in modules {
         text.push_str("[[modules]]\n");
@@ -275,6 +278,38 @@ impl Ksm {
     pub fn edit_config(&mut self, edit: impl FnOnce(&str) -> String) {
         let text = std::fs::read_to_string(&self.config_path).expect("read the test config");
         std::fs::write(&self.config_path, edit(&text)).expect("write the test config");
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let child = self.child.as_ref().expect("ksm is running");
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// The storage directory of the host.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// POSTs to an admin API path and returns the status and body.
+    pub fn post(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set a read timeout");
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.admin
+        )
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        read_response(stream).unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
