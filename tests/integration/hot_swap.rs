@@ -226,6 +226,7 @@ async fn file_changes_and_sighup_swap_per_module_components_from_the_cache() {
         cache.display()
     );
     let listed = host.get("/api/modules");
+    let first_load_ms = listed[0]["component"]["load_ms"].clone();
     assert_eq!(listed[0]["component"]["path"], shared.display().to_string());
     assert_eq!(listed[1]["component"]["path"], own.display().to_string());
     let own_hash = running_hash(&host, "own");
@@ -243,6 +244,10 @@ async fn file_changes_and_sighup_swap_per_module_components_from_the_cache() {
     assert!(host.stop());
     host.edit_config(|text| text.replace("watch_interval_ms = 100", "watch_interval_ms = 0"));
     host.restart();
+    eprintln!(
+        "swap-figures: start-up load+check ms: {first_load_ms} compiling, {} from the cache",
+        host.get("/api/modules")[0]["component"]["load_ms"]
+    );
     let before = running_hash(&host, "own");
     install_version(8, &own);
     host.signal("HUP");
