@@ -4,6 +4,8 @@
 //! run its own component; compiled components are cached.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ksm_tests::{TempDir, misbehaving_guest_wasm, publish_all, sockets_guest_wasm};
@@ -81,18 +83,26 @@ async fn swapping_the_component_under_load_loses_and_repeats_nothing() {
         "watch_interval_ms = 0",
     );
 
-    // Publish in paced chunks on one task while the main task swaps.
-    const MESSAGES: u64 = 1500;
+    // Publish in paced chunks on one task until the main task has swapped
+    // five times.
     const SWAPS: u16 = 5;
     let url = bench.broker.url();
+    let swapping = Arc::new(AtomicBool::new(true));
+    let publishing = swapping.clone();
     let publisher = tokio::spawn(async move {
-        for chunk in 0..MESSAGES / 50 {
-            let messages: Vec<(String, String)> = (chunk * 50..(chunk + 1) * 50)
+        let mut sent = 0u64;
+        // One more chunk after the last swap, so the last version handles some.
+        let mut last_round = false;
+        while !last_round {
+            last_round = !publishing.load(Ordering::Acquire);
+            let messages: Vec<(String, String)> = (sent..sent + 50)
                 .map(|n| (format!("/devices/{}/event", 1 + n % 20), format!("tag:{n}")))
                 .collect();
             publish_all(&url, &messages).await;
+            sent += 50;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        sent
     });
     let mut load_ms = Vec::new();
     for version in 1..=SWAPS {
@@ -105,13 +115,14 @@ async fn swapping_the_component_under_load_loses_and_repeats_nothing() {
         let info = host.get("/api/modules")[0]["component"].clone();
         load_ms.push(info["load_ms"].as_u64().unwrap_or(0));
     }
-    publisher.await.expect("the publisher finishes");
+    swapping.store(false, Ordering::Release);
+    let messages = publisher.await.expect("the publisher finishes");
     let (status, body) = host.post("/api/component/reload");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"unchanged\""), "{body}");
 
-    let records = bench.records(MESSAGES as usize).await;
-    let mut by_message: Vec<Option<u16>> = vec![None; MESSAGES as usize];
+    let records = bench.records(messages as usize).await;
+    let mut by_message: Vec<Option<u16>> = vec![None; messages as usize];
     for record in &records {
         let text = String::from_utf8_lossy(&record.data);
         let n: usize = text
@@ -147,9 +158,8 @@ async fn swapping_the_component_under_load_loses_and_repeats_nothing() {
         .collect();
     assert_eq!(pauses.len(), usize::from(SWAPS), "{log}");
     eprintln!(
-        "swap-figures: {} messages, {SWAPS} swaps, versions seen {used:?}, load+check ms {load_ms:?}, \
-         longest switch {} µs",
-        MESSAGES,
+        "swap-figures: {messages} messages, {SWAPS} swaps, versions seen {used:?}, load+check ms \
+         {load_ms:?}, longest switch {} µs",
         pauses.iter().max().unwrap_or(&0)
     );
 }
