@@ -56,6 +56,27 @@ fn start(bench: &Bench, component: &Path, modules: &[ModuleSpec], component_extr
     )
 }
 
+/// A bench and a host whose one module `tagged` runs build `version` of the
+/// tagged fixture from a file of its own (returned, with its directory),
+/// swapped only when asked.
+async fn tagged_host(prefix: &str, shards: i32, version: u16) -> (Bench, TempDir, PathBuf, Ksm) {
+    let bench = Bench::new(prefix, shards).await;
+    let dir = TempDir::new(prefix);
+    let current = dir.path().join("current.wasm");
+    install_version(version, &current);
+    let host = start(
+        &bench,
+        &current,
+        &[module(
+            "tagged",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
+        "watch_interval_ms = 0",
+    );
+    (bench, dir, current, host)
+}
+
 fn running_hash(host: &Ksm, module: &str) -> String {
     let modules = host.get("/api/modules");
     modules
@@ -68,20 +89,7 @@ fn running_hash(host: &Ksm, module: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_the_component_under_load_loses_and_repeats_nothing() {
-    let bench = Bench::new("swap", 2).await;
-    let dir = TempDir::new("ksm-swap");
-    let current = dir.path().join("current.wasm");
-    install_version(0, &current);
-    let host = start(
-        &bench,
-        &current,
-        &[module(
-            "tagged",
-            &bench.stream,
-            "subscribe_events = [\"*\"]",
-        )],
-        "watch_interval_ms = 0",
-    );
+    let (bench, _dir, current, host) = tagged_host("swap", 2, 0).await;
 
     // Publish in paced chunks on one task until the main task has swapped
     // five times.
@@ -166,20 +174,7 @@ async fn swapping_the_component_under_load_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_component_is_refused_and_the_running_one_stays() {
-    let bench = Bench::new("swap-bad", 1).await;
-    let dir = TempDir::new("ksm-swap-bad");
-    let current = dir.path().join("current.wasm");
-    install_version(1, &current);
-    let host = start(
-        &bench,
-        &current,
-        &[module(
-            "tagged",
-            &bench.stream,
-            "subscribe_events = [\"*\"]",
-        )],
-        "watch_interval_ms = 0",
-    );
+    let (bench, _dir, current, host) = tagged_host("swap-bad", 1, 1).await;
     let before = running_hash(&host, "tagged");
 
     std::fs::copy(sockets_guest_wasm(), &current).expect("copy the sockets guest");
