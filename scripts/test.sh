@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then format, lints, every test of every crate,
-# and the conformance suite against the reference guest. Exits non-zero on any failure.
+# and the conformance suite against the reference guest and the JavaScript guest. Exits
+# non-zero on any failure.
 #
 # Conformance runs through the dev-profile host (`cargo run -p ksm-host`), not --release:
 # `cargo test` has just built that binary and every dependency in the dev profile (where
@@ -38,6 +39,10 @@ step "tests (every crate)"
 # The integration tests use the component built above instead of building it again.
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo test --workspace --no-fail-fast
 
-step "conformance"
+step "conformance: the JavaScript guest (examples/guest-js)"
+bash scripts/build-js-guest.sh
+cargo run -p ksm-host -- conformance target/guest-js/ksm_guest_js.wasm
+
+step "conformance: the reference guest"
 # Its last line, "N passed, M failed", is the last line of this script's output.
 cargo run -p ksm-host -- conformance "$GUEST_WASM"

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Builds the JavaScript guest (examples/guest-js/guest.js) into a WebAssembly component for
+# the `smart-module` world of wit/: target/guest-js/ksm_guest_js.wasm.
+#
+#   - npm ci in examples/guest-js, only when node_modules is missing or older than
+#     package-lock.json (jco and componentize-js, pinned there; needs Node.js >= 20 and npm);
+#   - jco componentize, with every optional StarlingMonkey feature the guest does not use
+#     disabled (http, fetch-event, stdio, clocks), so that the component imports only
+#     ksm:smart-module/types and wasi:random/random (for UUIDv4 keys); skipped when the
+#     component is newer than its inputs.
+#
+# Quiet on success; on failure prints the failing tool's output. Run it again at will.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GUEST_DIR="$ROOT/examples/guest-js"
+OUT_DIR="$ROOT/target/guest-js"
+OUT="$OUT_DIR/ksm_guest_js.wasm"
+# Features of the StarlingMonkey engine the guest does not need. `random` stays: the guest
+# calls crypto.getRandomValues for UUIDv4 partition keys.
+DISABLED_FEATURES=(http fetch-event stdio clocks)
+
+die() { printf 'build-js-guest: error: %s\n' "$*" >&2; exit 1; }
+
+# Runs a command with its output kept aside, shown only if it fails.
+quietly() {
+    local log status=0
+    log="$(mktemp)"
+    "$@" >"$log" 2>&1 || status=$?
+    if [ "$status" -ne 0 ]; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "failed ($status): $*"
+    fi
+    rm -f "$log"
+}
+
+command -v node >/dev/null 2>&1 || die "node is not installed (Node.js 20 or later is needed)"
+command -v npm >/dev/null 2>&1 || die "npm is not installed"
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+[ "$node_major" -ge 20 ] || die "Node.js $(node --version) is too old: 20 or later is needed"
+
+# --- npm ci, only when node_modules is missing or stale ----------------------------------
+lock="$GUEST_DIR/package-lock.json"
+stamp="$GUEST_DIR/node_modules/.ksm-package-lock.sha256"
+lock_sum="$(sha256sum "$lock" | cut -d' ' -f1)"
+if [ ! -x "$GUEST_DIR/node_modules/.bin/jco" ] || [ ! -f "$stamp" ] \
+    || [ "$(cat "$stamp")" != "$lock_sum" ]; then
+    quietly npm ci --prefix "$GUEST_DIR" --no-audit --no-fund --loglevel=error
+    printf '%s\n' "$lock_sum" >"$stamp"
+fi
+
+# --- componentize, only when an input changed ---------------------------------------------
+# The build's inputs: the guest, the WIT, the pinned tools and this script's options.
+inputs_sum="$(
+    {
+        sha256sum "$GUEST_DIR/guest.js" "$ROOT"/wit/*.wit
+        printf '%s\n' "$lock_sum" "${DISABLED_FEATURES[*]}"
+    } | sed "s|$ROOT/||" | sha256sum | cut -d' ' -f1
+)"
+out_stamp="$OUT_DIR/.ksm_guest_js.inputs.sha256"
+if [ -f "$OUT" ] && [ -f "$out_stamp" ] && [ "$(cat "$out_stamp")" = "$inputs_sum" ]; then
+    exit 0
+fi
+
+mkdir -p "$OUT_DIR"
+tmp_out="$OUT_DIR/.ksm_guest_js.wasm.partial"
+rm -f "$out_stamp" "$tmp_out"
+# Absolute paths: jco componentize runs from the source's directory.
+quietly "$GUEST_DIR/node_modules/.bin/jco" componentize "$GUEST_DIR/guest.js" \
+    --wit "$ROOT/wit" --world-name smart-module \
+    --disable "${DISABLED_FEATURES[@]}" \
+    -o "$tmp_out"
+mv -f "$tmp_out" "$OUT"
+printf '%s\n' "$inputs_sum" >"$out_stamp"
