@@ -3,11 +3,15 @@
 # the `smart-module` world of wit/: target/guest-js/ksm_guest_js.wasm.
 #
 #   - npm ci in examples/guest-js, only when node_modules is missing or older than
-#     package-lock.json (jco and componentize-js, pinned there; needs Node.js >= 20 and npm);
-#   - jco componentize, with every optional StarlingMonkey feature the guest does not use
+#     package-lock.json (componentize-js and jco, pinned there; needs Node.js >= 20 and npm);
+#   - componentize-js, with every optional StarlingMonkey feature the guest does not use
 #     disabled (http, fetch-event, stdio, clocks), so that the component imports only
 #     ksm:smart-module/types and wasi:random/random (for UUIDv4 keys); skipped when the
-#     component is newer than its inputs.
+#     component was built from the same inputs.
+#
+# componentize-js's own CLI is used rather than `jco componentize`: jco 1.34 bundles
+# componentize-js 0.22, whose bindings leak memory on every call (ComponentizeJS #350), and
+# jco 1.35's componentize cannot read the WIT directory (its WASI shim preopens nothing).
 #
 # Quiet on success; on failure prints the failing tool's output. Run it again at will.
 set -euo pipefail
@@ -44,7 +48,7 @@ node_major="$(node -p 'process.versions.node.split(".")[0]')"
 lock="$GUEST_DIR/package-lock.json"
 stamp="$GUEST_DIR/node_modules/.ksm-package-lock.sha256"
 lock_sum="$(sha256sum "$lock" | cut -d' ' -f1)"
-if [ ! -x "$GUEST_DIR/node_modules/.bin/jco" ] || [ ! -f "$stamp" ] \
+if [ ! -x "$GUEST_DIR/node_modules/.bin/componentize-js" ] || [ ! -f "$stamp" ] \
     || [ "$(cat "$stamp")" != "$lock_sum" ]; then
     quietly npm ci --prefix "$GUEST_DIR" --no-audit --no-fund --loglevel=error
     printf '%s\n' "$lock_sum" >"$stamp"
@@ -66,8 +70,7 @@ fi
 mkdir -p "$OUT_DIR"
 tmp_out="$OUT_DIR/.ksm_guest_js.wasm.partial"
 rm -f "$out_stamp" "$tmp_out"
-# Absolute paths: jco componentize runs from the source's directory.
-quietly "$GUEST_DIR/node_modules/.bin/jco" componentize "$GUEST_DIR/guest.js" \
+quietly "$GUEST_DIR/node_modules/.bin/componentize-js" "$GUEST_DIR/guest.js" \
     --wit "$ROOT/wit" --world-name smart-module \
     --disable "${DISABLED_FEATURES[@]}" \
     -o "$tmp_out"

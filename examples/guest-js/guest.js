@@ -91,11 +91,11 @@ function utf8ValidUpTo(bytes) {
 // keep insertion order; `set` on an existing key keeps its position, as
 // IndexMap's `insert` does).
 
-/** A JSON number as serde_json keeps it: its serialised text, and the value when a u64. */
+/** A JSON number as serde_json keeps it: its serialised text, and whether it is a u64. */
 class JsonNumber {
-  constructor(text, u64) {
+  constructor(text, unsigned) {
     this.text = text;
-    this.u64 = u64; // BigInt for a u64 (non-negative integer), else undefined
+    this.unsigned = unsigned; // a u64 (non-negative integer, `as_u64` is Some)
   }
 }
 
@@ -117,7 +117,8 @@ const I32_MAX = 2147483647;
 const I32_MIN = -2147483648;
 
 // Parser state (one parse at a time).
-let buf = new Uint8Array(0);
+const EMPTY = new Uint8Array(0);
+let buf = EMPTY;
 let len = 0;
 let pos = 0;
 let depth = 128;
@@ -505,14 +506,12 @@ function parseNumber(positive, sig) {
   const c = peekOrNull();
   if (c === 0x2e) return floatNumber(parseDecimal(positive, sig, 0));
   if (c === 0x65 || c === 0x45) return floatNumber(parseExponent(positive, sig, 0));
-  if (positive) {
-    const text = String(sig);
-    return new JsonNumber(text, BigInt(sig));
-  }
+  if (positive) return new JsonNumber(String(sig), true);
   // i64 when it fits and is not -0; else f64.
-  const big = BigInt(sig);
-  if (big === 0n || big > TWO_POW_63) return floatNumber(-toF64(sig));
-  return new JsonNumber(`-${big}`, undefined);
+  if (isZero(sig) || (typeof sig !== 'number' && sig > TWO_POW_63)) {
+    return floatNumber(-toF64(sig));
+  }
+  return new JsonNumber(`-${sig}`, false);
 }
 
 function parseDecimal(positive, sig, exponentBefore) {
@@ -618,7 +617,7 @@ function parseExponentOverflow(positive, zeroSignificand, positiveExp) {
 }
 
 function floatNumber(f) {
-  return new JsonNumber(formatF64(f), undefined);
+  return new JsonNumber(formatF64(f), false);
 }
 
 /**
@@ -810,7 +809,9 @@ function parsePayload(payload) {
     }
     throw e;
   } finally {
-    buf = new Uint8Array(0);
+    // Keep no reference to the payload, nor a large scratch buffer.
+    buf = EMPTY;
+    if (scratch.length > 65536) scratch = new Uint8Array(256);
   }
   if (!(value instanceof Map)) {
     let first = 0;
@@ -853,10 +854,10 @@ function modeEvent(payload, origin) {
       homeId = ctx.homeId;
     } else if (object.has('homeId')) {
       const v = object.get('homeId');
-      if (!(v instanceof JsonNumber) || v.u64 === undefined) {
+      if (!(v instanceof JsonNumber) || !v.unsigned) {
         throw invalidField('homeId', `must be a non-negative integer, found ${jsonText(v)}`);
       }
-      homeId = v.u64;
+      homeId = v.text;
     } else {
       throw invalidField(
         'homeId',
@@ -1144,9 +1145,10 @@ export const forwarder = {
     const out = { records: [], rejected: [] };
     if (s.bulkDataLabel === null || s.bulkDataLabel !== label) return out;
     const spans = unpackBulk(payload);
+    const deviceKey = String(deviceId);
     for (let index = 0; index < spans.length; index++) {
       const span = spans[index];
-      const key = partitionKey(s.useUuid, deviceId);
+      const key = s.useUuid ? uuidV4() : deviceKey;
       const reason = sizeError(index, span.len, key, s.maxRecordSize);
       if (reason === null) {
         out.records.push({ data: span, partitionKey: key, explicitHashKey: undefined });
