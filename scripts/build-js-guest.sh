@@ -2,8 +2,8 @@
 # Builds the JavaScript guest (examples/guest-js/guest.js) into a WebAssembly component for
 # the `smart-module` world of wit/: target/guest-js/ksm_guest_js.wasm.
 #
-#   - npm ci in examples/guest-js, only when node_modules is missing or older than
-#     package-lock.json (componentize-js and jco, pinned there; needs Node.js >= 20 and npm);
+#   - npm ci in examples/guest-js, only when node_modules is missing or was installed from
+#     another package-lock.json (componentize-js and jco, pinned there; needs Node.js >= 20);
 #   - componentize-js, with every optional StarlingMonkey feature the guest does not use
 #     disabled (http, fetch-event, stdio, clocks), so that the component imports only
 #     ksm:smart-module/types and wasi:random/random (for UUIDv4 keys); skipped when the
@@ -69,7 +69,7 @@ fi
 
 mkdir -p "$OUT_DIR"
 tmp_out="$OUT_DIR/.ksm_guest_js.wasm.partial"
-rm -f "$out_stamp" "$tmp_out"
+rm -f "$out_stamp" "$tmp_out" "$OUT"
 quietly "$GUEST_DIR/node_modules/.bin/componentize-js" "$GUEST_DIR/guest.js" \
     --wit "$ROOT/wit" --world-name smart-module \
     --disable "${DISABLED_FEATURES[@]}" \

@@ -314,13 +314,14 @@ function parseObjectEntries() {
 /** A string whose opening quote was just read. */
 function parseString() {
   let start = pos;
-  // Fast path: no escape and no control character up to the next quote;
-  // all native calls (large strings would be slow byte by byte in an
-  // interpreter). Anything else takes the byte-by-byte path, which gives
-  // serde_json's errors in serde_json's order.
-  const quote = buf.indexOf(0x22, pos);
-  if (quote >= 0) {
-    const raw = buf.subarray(pos, quote);
+  // Fast path: no escape and no control character up to the next quote,
+  // all in native calls (a large string would be slow byte by byte in an
+  // interpreter). Else serde_json's loop, which gives its errors in its
+  // order: runs of plain bytes, escapes, the closing quote.
+  let nextQuote = buf.indexOf(0x22, pos);
+  if (nextQuote >= 0) {
+    const end = nextQuote;
+    const raw = buf.subarray(pos, end);
     if (raw.indexOf(0x5c) < 0) {
       let text;
       try {
@@ -329,7 +330,7 @@ function parseString() {
         text = undefined;
       }
       if (text !== undefined && !CONTROL.test(text)) {
-        pos = quote + 1;
+        pos = end + 1;
         return text;
       }
     }
@@ -337,11 +338,10 @@ function parseString() {
   let escaped = false;
   scratchLen = 0;
   for (;;) {
-    while (pos < len) {
-      const c = buf[pos];
-      if (c === 0x22 || c === 0x5c || c < 0x20) break;
-      pos++;
-    }
+    // `nextQuote` is kept so that a string with many escapes is not
+    // searched to its end again after each one.
+    if (nextQuote >= 0 && nextQuote < pos) nextQuote = buf.indexOf(0x22, pos);
+    pos = plainRunEnd(pos, nextQuote < 0 ? len : nextQuote);
     if (pos === len) throw eofError('EOF while parsing a string');
     const c = buf[pos];
     if (c === 0x22) {
@@ -366,6 +366,27 @@ function parseString() {
       throw syntaxError('control character (\\u0000-\\u001F) found while parsing a string');
     }
   }
+}
+
+/**
+ * The index of the first `"`, `\` or control character at or after `p`
+ * (`len` if none), knowing that the next `"` is at `quote` (or `len`).
+ * Long runs are checked with native calls, short ones byte by byte.
+ */
+function plainRunEnd(p, quote) {
+  if (quote - p >= 64) {
+    const backslash = buf.subarray(p, quote).indexOf(0x5c);
+    const end = backslash < 0 ? quote : p + backslash;
+    // The run ends at `end` unless it holds a control character (which,
+    // being ASCII, survives lossy decoding of any invalid UTF-8 around it).
+    if (!CONTROL.test(utf8Lossy.decode(buf.subarray(p, end)))) return end;
+  }
+  while (p < len) {
+    const c = buf[p];
+    if (c === 0x22 || c === 0x5c || c < 0x20) break;
+    p++;
+  }
+  return p;
 }
 
 /** serde_json `as_str`: UTF-8 check of a string's content at its closing quote. */
