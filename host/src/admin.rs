@@ -264,11 +264,8 @@ async fn replay_dead_letters(
     Path(id): Path<String>,
     Query(query): Query<IdsQuery>,
 ) -> Result<(StatusCode, Json<DeadLetterCount>), ApiError> {
-    let module = find(&modules, &id)?.clone();
-    let index = modules
-        .iter()
-        .position(|m| m.config.id == id)
-        .unwrap_or_default();
+    let index = position(&modules, &id)?;
+    let module = modules[index].clone();
     let letters = match query.ids()? {
         None => module.dead_letters.list(0, usize::MAX).map_err(internal)?,
         Some(ids) => {
@@ -368,8 +365,13 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
 }
 
 fn find<'a>(modules: &'a Modules, id: &str) -> Result<&'a Arc<Module>, ApiError> {
+    Ok(&modules[position(modules, id)?])
+}
+
+/// The index of module `id`, in configuration order.
+fn position(modules: &Modules, id: &str) -> Result<usize, ApiError> {
     modules
         .iter()
-        .find(|m| m.config.id == id)
+        .position(|m| m.config.id == id)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no module `{id}`")))
 }

@@ -38,6 +38,13 @@ pub struct ComponentInfo {
     pub load_ms: u64,
 }
 
+impl ComponentInfo {
+    /// The first 12 hex digits of the hash, for logs.
+    pub fn short_hash(&self) -> &str {
+        self.sha256.get(..12).unwrap_or(&self.sha256)
+    }
+}
+
 /// New guests for some modules, switched in by the router before the next
 /// message.
 pub struct Swap {
@@ -162,19 +169,13 @@ impl Components {
                 error: None,
             };
             let running = self.running_hash(indexes);
-            let result = std::fs::read(path)
-                .map_err(|source| ComponentError::Read {
-                    path: path.clone(),
-                    source,
-                })
-                .and_then(|bytes| {
-                    let hash = sha256(&bytes);
-                    outcome.sha256 = Some(hash.clone());
-                    if running.as_deref() == Some(hash.as_str()) {
-                        return Ok(None);
-                    }
-                    self.prepare_bytes(path, &bytes, hash, indexes).map(Some)
-                });
+            let result = read_component(path).and_then(|(bytes, hash)| {
+                outcome.sha256 = Some(hash.clone());
+                if running.as_deref() == Some(hash.as_str()) {
+                    return Ok(None);
+                }
+                self.prepare_bytes(path, &bytes, hash, indexes).map(Some)
+            });
             match result {
                 Ok(None) => outcome.outcome = "unchanged".into(),
                 Ok(Some(guests)) => {
@@ -186,7 +187,7 @@ impl Components {
                                 format!(
                                     "component {} (sha256 {}) loaded and checked in {} ms ({trigger}); switching to it",
                                     path.display(),
-                                    short(&info.sha256),
+                                    info.short_hash(),
                                     info.load_ms
                                 ),
                             );
@@ -268,11 +269,7 @@ impl Components {
         path: &Path,
         indexes: &[usize],
     ) -> Result<Vec<(usize, Guest, ComponentInfo)>, ComponentError> {
-        let bytes = std::fs::read(path).map_err(|source| ComponentError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let hash = sha256(&bytes);
+        let (bytes, hash) = read_component(path)?;
         self.prepare_bytes(path, &bytes, hash, indexes)
     }
 
@@ -346,13 +343,19 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((metadata.modified().ok()?, metadata.len()))
 }
 
+/// A component file's bytes and their SHA-256, hex.
+fn read_component(path: &Path) -> Result<(Vec<u8>, String), ComponentError> {
+    let bytes = std::fs::read(path).map_err(|source| ComponentError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let hash = sha256(&bytes);
+    Ok((bytes, hash))
+}
+
 fn sha256(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn short(hash: &str) -> &str {
-    hash.get(..12).unwrap_or(hash)
 }

@@ -24,7 +24,7 @@ use crate::dead_letter::DeadLetter;
 use crate::module::Module;
 use crate::runtime::{CallResult, Guest};
 use crate::sink::kinesis::check_record;
-use crate::source::{Message, ReplayRecord, Topic};
+use crate::source::{Message, Replay, ReplayRecord, Topic};
 use crate::spool::{Job, NewRecord, Staged};
 
 /// One module as the router sees it.
@@ -104,7 +104,7 @@ impl Router {
                 Level::Info,
                 format!(
                     "now running component sha256 {} (switched between two messages in {} µs)",
-                    &info.sha256[..info.sha256.len().min(12)],
+                    info.short_hash(),
                     pause.as_micros()
                 ),
             );
@@ -122,9 +122,13 @@ impl Router {
             let module = &route.module;
             Counters::add(&module.counters.received, 1);
             let outcome = match (&message.kind, &message.replay) {
-                (_, Some(replay)) if replay.record.is_some() => {
-                    Outcome::Records(vec![replayed(replay.record.as_ref(), &message)], Vec::new())
-                }
+                (
+                    _,
+                    Some(Replay {
+                        record: Some(record),
+                        ..
+                    }),
+                ) => Outcome::Records(vec![replayed(record, &message)], Vec::new()),
                 (Err(reason), _) => Outcome::Refused(reason.clone()),
                 (Ok(Topic::DeviceEvent { device_id }), _) => {
                     let device = self.devices.get(device_id);
@@ -164,15 +168,11 @@ impl Router {
 }
 
 /// A replayed record, produced as it was.
-fn replayed(record: Option<&ReplayRecord>, message: &Message) -> Produced {
-    let record = record.cloned().unwrap_or(ReplayRecord {
-        partition_key: String::new(),
-        explicit_hash_key: None,
-    });
+fn replayed(record: &ReplayRecord, message: &Message) -> Produced {
     Produced {
         data: message.payload.clone(),
-        partition_key: record.partition_key,
-        explicit_hash_key: record.explicit_hash_key,
+        partition_key: record.partition_key.clone(),
+        explicit_hash_key: record.explicit_hash_key.clone(),
     }
 }
 

@@ -19,6 +19,7 @@ use crate::ack::Settlement;
 use crate::activity::{Counters, Level};
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
+use crate::sink::shards;
 use crate::store::{self, Store, StoreError};
 
 /// Most messages committed (and synced) together.
@@ -57,6 +58,8 @@ pub struct SpoolRecord {
     pub partition_key: Arc<str>,
     /// Explicit hash key.
     pub explicit_hash_key: Option<Arc<str>>,
+    /// The 128-bit hash key that picks its shard, worked out once.
+    pub hash_key: u128,
     /// MQTT topic the record came from.
     pub topic: Arc<str>,
     /// Data plus partition key, in bytes.
@@ -97,10 +100,12 @@ fn decode(seq: u64, value: &[u8]) -> Result<(SpoolRecord, &[u8]), String> {
         rest = tail;
     }
     let [key, hash_key, topic] = parts;
+    let explicit_hash_key = (!hash_key.is_empty()).then_some(hash_key);
     let record = SpoolRecord {
         seq,
         partition_key: key.into(),
-        explicit_hash_key: (!hash_key.is_empty()).then(|| hash_key.into()),
+        hash_key: shards::hash_key(key, explicit_hash_key),
+        explicit_hash_key: explicit_hash_key.map(Into::into),
         topic: topic.into(),
         size: rest.len() + key.len(),
         data: None,
@@ -234,8 +239,10 @@ impl ModuleSpool {
     /// True if `bytes` more fit (an empty spool takes anything, so one huge
     /// message cannot block for ever).
     fn has_room(&self, pending: u64, bytes: u64) -> bool {
-        let usage = self.usage();
-        let used = usage.bytes + pending;
+        self.fits(self.usage().bytes + pending, bytes)
+    }
+
+    fn fits(&self, used: u64, bytes: u64) -> bool {
         used == 0 || used + bytes <= self.max_bytes
     }
 
@@ -243,8 +250,7 @@ impl ModuleSpool {
     fn wait_for_room(&self, pending: u64, bytes: u64, stopping: &AtomicBool) -> bool {
         let mut usage = self.usage();
         loop {
-            let used = usage.bytes + pending;
-            if used == 0 || used + bytes <= self.max_bytes {
+            if self.fits(usage.bytes + pending, bytes) {
                 return true;
             }
             if stopping.load(Ordering::Acquire) {
@@ -441,6 +447,10 @@ impl Committer {
                     spooled[i].push(SpoolRecord {
                         seq,
                         size: record.size(),
+                        hash_key: shards::hash_key(
+                            &record.partition_key,
+                            record.explicit_hash_key.as_deref(),
+                        ),
                         partition_key: record.partition_key.into(),
                         explicit_hash_key: record.explicit_hash_key.map(Into::into),
                         topic: record.topic,

@@ -262,6 +262,7 @@ mod tests {
             seq,
             partition_key: key.into(),
             explicit_hash_key: None,
+            hash_key: 0,
             topic: "/devices/1/event".into(),
             size: 10 + key.len(),
             data: Some(bytes::Bytes::from(vec![0u8; 10])),

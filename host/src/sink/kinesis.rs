@@ -321,8 +321,7 @@ impl KinesisSink {
         };
         let mut unmapped = false;
         let batch = self.backlog.next_batch(now, |record| {
-            let hash = shards::hash_key(&record.partition_key, record.explicit_hash_key.as_deref());
-            let Some(shard) = shards.map.shard_of(hash) else {
+            let Some(shard) = shards.map.shard_of(record.hash_key) else {
                 unmapped = true;
                 return Ok(());
             };
@@ -448,9 +447,10 @@ impl KinesisSink {
         let mut last_error = String::new();
         for (record, result) in records.iter().zip(results) {
             let shard = self.shards.as_mut().and_then(|shards| {
-                let hash =
-                    shards::hash_key(&record.partition_key, record.explicit_hash_key.as_deref());
-                shards.map.shard_of(hash).map(|index| (shards, index))
+                shards
+                    .map
+                    .shard_of(record.hash_key)
+                    .map(|index| (shards, index))
             });
             match result.error_code() {
                 None => {
