@@ -50,6 +50,14 @@ impl AdminClient {
 
     /// Sends `method path` and returns the body of a 2xx answer.
     pub fn call(&self, method: &str, path: &str) -> Result<String, AdminClientError> {
+        match self.request(method, path)? {
+            (status, body) if (200..300).contains(&status) => Ok(body),
+            (status, body) => Err(AdminClientError::Status { status, body }),
+        }
+    }
+
+    /// Sends `method path` and returns the status and body, whatever the status.
+    pub fn request(&self, method: &str, path: &str) -> Result<(u16, String), AdminClientError> {
         let addr = self.addr;
         let unreachable = |source| AdminClientError::Unreachable { addr, source };
         let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(unreachable)?;
@@ -80,11 +88,7 @@ impl AdminClient {
         } else {
             body.to_owned()
         };
-        if (200..300).contains(&status) {
-            Ok(body)
-        } else {
-            Err(AdminClientError::Status { status, body })
-        }
+        Ok((status, body))
     }
 }
 

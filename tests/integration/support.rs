@@ -1,11 +1,11 @@
 //! Running the `ksm` binary as a process under test, and talking to its admin API.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ksm_host::admin_client::{AdminClient, AdminClientError};
 use ksm_tests::{
     Mosquitto, Moto, ReadRecord, TempDir, aws_env, create_stream, free_port, guest_wasm,
     kinesis_client, ksm_binary, publish_all, unique_stream_name, wait_for_records,
@@ -298,18 +298,9 @@ impl Ksm {
 
     /// POSTs to an admin API path and returns the status and body.
     pub fn post(&self, path: &str) -> (u16, String) {
-        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("set a read timeout");
-        write!(
-            stream,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            self.admin
-        )
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        read_response(stream).unwrap_or_else(|e| panic!("POST {path}: {e}"))
+        AdminClient::new(self.admin)
+            .request("POST", path)
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
 
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
@@ -410,29 +401,9 @@ fn admin_addr(config: &str) -> SocketAddr {
         .expect("a socket address")
 }
 
-/// A minimal HTTP/1.1 GET over a fresh connection.
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    read_response(stream)
-}
-
-fn read_response(mut stream: TcpStream) -> std::io::Result<(u16, String)> {
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP head in {response:?}")))?;
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, body.to_owned()))
+/// GETs an admin API path: the status and body.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminClientError> {
+    AdminClient::new(addr).request("GET", path)
 }
 
 /// Runs `ksm` with arguments in the workspace root (where the example
