@@ -145,18 +145,38 @@ fn component(package: &str, override_var: &str) -> PathBuf {
 /// Set `KSM_BINARY` to a path to use that file instead and skip the build.
 pub fn ksm_binary() -> PathBuf {
     static HOST: OnceLock<PathBuf> = OnceLock::new();
-    HOST.get_or_init(|| {
-        if let Some(path) = overridden("KSM_BINARY") {
-            return path;
-        }
-        cargo(&["build", "-p", "ksm-host", "--bin", "ksm"]);
-        let path = target_dir().join("debug/ksm");
-        assert!(
-            path.is_file(),
-            "the host build succeeded but {} is missing",
-            path.display()
-        );
-        path
-    })
-    .clone()
+    HOST.get_or_init(|| host_binary(false)).clone()
+}
+
+/// The host binary in the profile this process was built in: `target/release/ksm` when it
+/// is optimised (`cargo bench`), else as [`ksm_binary`]. For benchmarks, whose figures mean
+/// nothing for a dev build. `KSM_BINARY` overrides it too.
+pub fn ksm_binary_as_built() -> PathBuf {
+    if cfg!(debug_assertions) {
+        return ksm_binary();
+    }
+    static HOST: OnceLock<PathBuf> = OnceLock::new();
+    HOST.get_or_init(|| host_binary(true)).clone()
+}
+
+fn host_binary(release: bool) -> PathBuf {
+    if let Some(path) = overridden("KSM_BINARY") {
+        return path;
+    }
+    let (args, dir): (&[&str], _) = if release {
+        (
+            &["build", "--release", "-p", "ksm-host", "--bin", "ksm"],
+            "release",
+        )
+    } else {
+        (&["build", "-p", "ksm-host", "--bin", "ksm"], "debug")
+    };
+    cargo(args);
+    let path = target_dir().join(dir).join("ksm");
+    assert!(
+        path.is_file(),
+        "the host build succeeded but {} is missing",
+        path.display()
+    );
+    path
 }

@@ -63,6 +63,11 @@ impl Kinesalite {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id (Node.js running kinesalite).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// Everything the server has printed so far.
     pub fn log(&self) -> String {
         self.process.log()

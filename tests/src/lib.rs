@@ -35,9 +35,12 @@
 //! - [`load`]: [`LoadPublisher`], numbered QoS 1 messages that survive broker restarts, with
 //!   a record of which the broker acknowledged.
 //! - [`artifacts`]: the guest component and the host binary, built once per test process.
+//! - [`blackhole`]: [`BlackholeKinesis`], a **bench-only** Kinesis endpoint that answers
+//!   `PutRecords` without storing anything; never for tests of ksm's behaviour.
 //! - this file: [`free_port`], [`TempDir`] and the re-exports.
 
 pub mod artifacts;
+pub mod blackhole;
 pub mod kinesalite;
 pub mod kinesis;
 pub mod load;
@@ -56,6 +59,7 @@ pub use artifacts::{
     guest_wasm, ksm_binary, misbehaving_guest_wasm, sockets_guest_wasm, workspace_root,
     wrong_world_guest_wasm,
 };
+pub use blackhole::{BlackholeKinesis, BlackholeStats};
 pub use kinesalite::Kinesalite;
 pub use kinesis::{ReadRecord, aws_env, create_stream, read_all_records, unique_stream_name};
 pub use kinesis::{client as kinesis_client, wait_for_records};

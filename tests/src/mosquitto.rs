@@ -148,6 +148,11 @@ impl Mosquitto {
         }
     }
 
+    /// The broker's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().and_then(ServiceProcess::pid)
+    }
+
     /// Everything the broker has logged so far, across restarts.
     pub fn log(&self) -> String {
         crate::process::read_log(&self.dir.path().join("mosquitto.log"))

@@ -1,0 +1,577 @@
+//! The guest stage, natively and in the sandbox: the reference guest's logic
+//! called as a plain Rust library (the `ksm-guest` crate) and through its
+//! WebAssembly component on the host's wasmtime runtime, one message per
+//! call, so that what the sandbox costs shows on its own.
+//!
+//! Cases (one criterion group each, with the functions `native` and `wasm`):
+//! - `event_subscribed`: a device event the module subscribes to, keyed by
+//!   the device ID, whose record (MODE Event JSON) is 200 bytes;
+//! - `event_dropped`: the same event, for a module subscribed to other types
+//!   (no record: its figures are per message);
+//! - `event_uuid`: as `event_subscribed`, keyed by a fresh UUIDv4;
+//! - `bulk_10x100B`, `bulk_100x100B`: MessagePack bulk payloads of 10 and 100
+//!   records of 100 bytes, keyed by the device ID;
+//! - `call_floor`: the 10-record bulk payload under a label the module does
+//!   not forward, so the guest answers at once without reading it: what any
+//!   call costs (natively next to nothing; in wasm, copying the arguments in,
+//!   entering and leaving the instance, lifting the empty answer). Per message.
+//!
+//! Throughput is in records (criterion prints elements/s): a figure is per
+//! call divided by the records one call yields. The contract has no batch
+//! call: the host calls the guest once per MQTT message, so the crossing into
+//! the sandbox cannot be shared between messages, and this bench does not
+//! pretend otherwise.
+//!
+//! Before anything is timed, each case runs once both ways and must give the
+//! same answer (record count, data bytes and spans, keys; UUID keys only by
+//! their shape), else the bench panics rather than time a broken path.
+//!
+//! After criterion's report, a table compares the two per record, from the
+//! means in the `estimates.json` files this run wrote. In test mode (`cargo bench -- --test`,
+//! `cargo test --benches`) criterion writes none and no table is printed.
+//!
+//! ```text
+//! cargo bench -p ksm-tests --bench guest_stage [-- FILTER] [criterion flags]
+//! ```
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use criterion::{Criterion, Throughput};
+use ksm_guest::Forwarder;
+use ksm_host::bindings::types as wit;
+use ksm_host::runtime::{Guest, Runtime};
+use ksm_tests::artifacts;
+
+/// The device every message comes from.
+const DEVICE_ID: u64 = 1001;
+/// The bulk data label the modules forward.
+const LABEL: &str = "telemetry";
+/// A bulk data label no module forwards: the guest answers without reading
+/// the payload.
+const OTHER_LABEL: &str = "diagnostics";
+/// The modules' `max-record-size`: the Kinesis limit, 1 MiB.
+const MAX_RECORD_SIZE: u32 = 1024 * 1024;
+/// Size of the record a subscribed device event turns into.
+const EVENT_RECORD_BYTES: usize = 200;
+/// Size of each bulk data record.
+const BULK_RECORD_BYTES: usize = 100;
+/// Default warm-up per function (`--warm-up-time` overrides it).
+const WARM_UP: Duration = Duration::from_secs(1);
+/// Default measurement per function (`--measurement-time` overrides it).
+const MEASUREMENT: Duration = Duration::from_secs(3);
+
+/// What one call hands the guest.
+enum Input {
+    /// A device event payload (JSON).
+    Event(Vec<u8>),
+    /// A bulk data payload (MessagePack) published under a label.
+    Bulk {
+        /// The label from the topic.
+        label: &'static str,
+        /// The payload.
+        payload: Vec<u8>,
+    },
+}
+
+/// One benchmarked case: a module's settings and the message it gets.
+struct Case {
+    /// Criterion group name, and its directory under `target/criterion`.
+    name: &'static str,
+    /// Event types the module subscribes to.
+    subscribe: &'static [&'static str],
+    /// Whether keys are UUIDs.
+    use_uuid: bool,
+    /// The message.
+    input: Input,
+    /// Records one call yields.
+    records: u64,
+}
+
+impl Case {
+    /// Elements per call for criterion and the table: the records, or the
+    /// message itself when it yields none.
+    fn elements(&self) -> u64 {
+        self.records.max(1)
+    }
+
+    fn native_settings(&self) -> ksm_guest::Settings {
+        ksm_guest::Settings {
+            subscribe_events: self.subscribe.iter().map(|s| (*s).to_owned()).collect(),
+            bulk_data_label: Some(LABEL.to_owned()),
+            use_uuid: self.use_uuid,
+            max_record_size: MAX_RECORD_SIZE,
+        }
+    }
+
+    fn wasm_settings(&self) -> wit::ModuleSettings {
+        let native = self.native_settings();
+        wit::ModuleSettings {
+            subscribe_events: native.subscribe_events,
+            bulk_data_label: native.bulk_data_label,
+            use_uuid: native.use_uuid,
+            max_record_size: native.max_record_size,
+        }
+    }
+}
+
+/// The device event context, as the host's router fills it for a device in
+/// the registry.
+fn native_context() -> ksm_guest::DeviceContext {
+    ksm_guest::DeviceContext {
+        device_id: DEVICE_ID,
+        home_id: Some(7),
+        device_class: Some("sensor".to_owned()),
+        device_ip: None,
+        received_at: "2026-01-02T03:04:05.123Z".to_owned(),
+    }
+}
+
+/// [`native_context`] as the WIT type.
+fn wasm_context() -> wit::DeviceContext {
+    let native = native_context();
+    wit::DeviceContext {
+        device_id: native.device_id,
+        home_id: native.home_id,
+        device_class: native.device_class,
+        device_ip: native.device_ip,
+        received_at: native.received_at,
+    }
+}
+
+/// A temperature event padded so that its MODE Event JSON is
+/// [`EVENT_RECORD_BYTES`] long.
+fn event_payload() -> Vec<u8> {
+    let payload = |pad: usize| {
+        format!(
+            r#"{{"eventType":"temperature","eventData":{{"celsius":21.5,"seq":12345,"pad":"{}"}}}}"#,
+            "x".repeat(pad)
+        )
+        .into_bytes()
+    };
+    let mut forwarder = Forwarder::new();
+    forwarder
+        .configure(ksm_guest::Settings {
+            subscribe_events: vec!["*".to_owned()],
+            bulk_data_label: None,
+            use_uuid: false,
+            max_record_size: MAX_RECORD_SIZE,
+        })
+        .expect("the sizing settings are valid");
+    let unpadded = forwarder
+        .handle_device_event(&native_context(), &payload(0))
+        .expect("the unpadded event is valid")[0]
+        .data
+        .len();
+    let pad = EVENT_RECORD_BYTES
+        .checked_sub(unpadded)
+        .expect("the unpadded event's record is under the target size");
+    payload(pad)
+}
+
+/// A bulk payload of `count` records of [`BULK_RECORD_BYTES`] each.
+fn bulk_payload(count: usize) -> Vec<u8> {
+    let mut payload = Vec::new();
+    rmp::encode::write_str(&mut payload, "1.0").expect("writing to a Vec cannot fail");
+    for i in 0..count {
+        let record: Vec<u8> = (0..BULK_RECORD_BYTES)
+            .map(|j| b'a' + ((i + j) % 26) as u8)
+            .collect();
+        rmp::encode::write_bin(&mut payload, &record).expect("writing to a Vec cannot fail");
+    }
+    payload
+}
+
+fn cases() -> Vec<Case> {
+    let event = event_payload();
+    vec![
+        Case {
+            name: "event_subscribed",
+            subscribe: &["temperature"],
+            use_uuid: false,
+            input: Input::Event(event.clone()),
+            records: 1,
+        },
+        Case {
+            name: "event_dropped",
+            subscribe: &["humidity", "motion"],
+            use_uuid: false,
+            input: Input::Event(event.clone()),
+            records: 0,
+        },
+        Case {
+            name: "event_uuid",
+            subscribe: &["temperature"],
+            use_uuid: true,
+            input: Input::Event(event),
+            records: 1,
+        },
+        Case {
+            name: "bulk_10x100B",
+            subscribe: &[],
+            use_uuid: false,
+            input: Input::Bulk {
+                label: LABEL,
+                payload: bulk_payload(10),
+            },
+            records: 10,
+        },
+        Case {
+            name: "bulk_100x100B",
+            subscribe: &[],
+            use_uuid: false,
+            input: Input::Bulk {
+                label: LABEL,
+                payload: bulk_payload(100),
+            },
+            records: 100,
+        },
+        Case {
+            name: "call_floor",
+            subscribe: &[],
+            use_uuid: false,
+            input: Input::Bulk {
+                label: OTHER_LABEL,
+                payload: bulk_payload(10),
+            },
+            records: 0,
+        },
+    ]
+}
+
+/// One case's module, both ways.
+struct Stage {
+    native: Forwarder,
+    wasm: Guest,
+    native_context: ksm_guest::DeviceContext,
+    wasm_context: wit::DeviceContext,
+}
+
+impl Stage {
+    fn new(runtime: &Runtime, case: &Case) -> Stage {
+        let mut native = Forwarder::new();
+        native
+            .configure(case.native_settings())
+            .expect("the native guest takes the case's settings");
+        let wasm = runtime
+            .instantiate(&case.wasm_settings())
+            .expect("the component takes the case's settings");
+        Stage {
+            native,
+            wasm,
+            native_context: native_context(),
+            wasm_context: wasm_context(),
+        }
+    }
+
+    /// The native answer, normalised for comparison.
+    fn native_answer(&self, input: &Input) -> Answer {
+        match input {
+            Input::Event(payload) => {
+                let records = self
+                    .native
+                    .handle_device_event(&self.native_context, payload)
+                    .expect("the native guest takes the event");
+                Answer {
+                    records: records
+                        .into_iter()
+                        .map(|r| AnswerRecord {
+                            span: None,
+                            data: r.data,
+                            key: r.partition_key,
+                        })
+                        .collect(),
+                    rejected: 0,
+                }
+            }
+            Input::Bulk { label, payload } => {
+                let out = self
+                    .native
+                    .handle_bulk_data(DEVICE_ID, label, payload)
+                    .expect("the native guest takes the bulk payload");
+                Answer {
+                    records: out
+                        .records
+                        .into_iter()
+                        .map(|r| {
+                            let span = (r.data.offset, r.data.len);
+                            AnswerRecord {
+                                span: Some(span),
+                                data: span_bytes(payload, span),
+                                key: r.partition_key,
+                            }
+                        })
+                        .collect(),
+                    rejected: out.rejected.len(),
+                }
+            }
+        }
+    }
+
+    /// The component's answer, normalised for comparison.
+    fn wasm_answer(&mut self, input: &Input) -> Answer {
+        let no_hash_key = |key: &Option<String>| {
+            assert_eq!(*key, None, "the guest never sets an explicit hash key");
+        };
+        match input {
+            Input::Event(payload) => {
+                let records = self
+                    .wasm
+                    .device_event(&self.wasm_context, payload)
+                    .expect("the component runs")
+                    .expect("the component takes the event");
+                Answer {
+                    records: records
+                        .into_iter()
+                        .map(|r| {
+                            no_hash_key(&r.explicit_hash_key);
+                            AnswerRecord {
+                                span: None,
+                                data: r.data,
+                                key: r.partition_key,
+                            }
+                        })
+                        .collect(),
+                    rejected: 0,
+                }
+            }
+            Input::Bulk { label, payload } => {
+                let out = self
+                    .wasm
+                    .bulk_data(DEVICE_ID, label, payload)
+                    .expect("the component runs")
+                    .expect("the component takes the bulk payload");
+                Answer {
+                    records: out
+                        .records
+                        .into_iter()
+                        .map(|r| {
+                            no_hash_key(&r.explicit_hash_key);
+                            let span = (r.data.offset, r.data.len);
+                            AnswerRecord {
+                                span: Some(span),
+                                data: span_bytes(payload, span),
+                                key: r.partition_key,
+                            }
+                        })
+                        .collect(),
+                    rejected: out.rejected.len(),
+                }
+            }
+        }
+    }
+
+    /// Panics unless both ways give the case's records, and the same ones.
+    fn validate(&mut self, case: &Case) {
+        let mut native = self.native_answer(&case.input);
+        let mut wasm = self.wasm_answer(&case.input);
+        if case.use_uuid {
+            native.mask_uuid_keys(case.name, "native");
+            wasm.mask_uuid_keys(case.name, "wasm");
+        }
+        assert_eq!(
+            native.records.len() as u64,
+            case.records,
+            "{}: the native guest gave the wrong number of records",
+            case.name
+        );
+        assert_eq!(native.rejected, 0, "{}: native rejections", case.name);
+        assert!(
+            native == wasm,
+            "{}: native and wasm disagree\nnative: {native:?}\nwasm:   {wasm:?}",
+            case.name
+        );
+        if let (Input::Event(_), Some(record)) = (&case.input, native.records.first()) {
+            assert_eq!(
+                record.data.len(),
+                EVENT_RECORD_BYTES,
+                "{}: event record size",
+                case.name
+            );
+        }
+    }
+}
+
+/// The bytes of `payload` a span points at.
+fn span_bytes(payload: &[u8], (offset, len): (u32, u32)) -> Vec<u8> {
+    let start = offset as usize;
+    payload
+        .get(start..start + len as usize)
+        .expect("the span lies within the payload")
+        .to_vec()
+}
+
+/// A guest's answer to one message, as compared between the two ways.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    /// The records, in order.
+    records: Vec<AnswerRecord>,
+    /// How many records the guest refused.
+    rejected: usize,
+}
+
+/// One record of an [`Answer`].
+#[derive(Debug, PartialEq, Eq)]
+struct AnswerRecord {
+    /// Where the data lies in the payload (bulk data only), offset and length.
+    span: Option<(u32, u32)>,
+    /// The data.
+    data: Vec<u8>,
+    /// The partition key.
+    key: String,
+}
+
+impl Answer {
+    /// Checks that every key is a distinct UUIDv4 and replaces it with a
+    /// placeholder, so that two answers compare on the rest.
+    fn mask_uuid_keys(&mut self, case: &str, side: &str) {
+        let mut seen = std::collections::HashSet::new();
+        for AnswerRecord { key, .. } in &mut self.records {
+            assert!(is_uuid_v4(key), "{case} ({side}): `{key}` is not a UUIDv4");
+            assert!(seen.insert(key.clone()), "{case} ({side}): `{key}` twice");
+            *key = "<uuid>".to_owned();
+        }
+    }
+}
+
+/// Lowercase, hyphenated UUID of version 4.
+fn is_uuid_v4(key: &str) -> bool {
+    let b = key.as_bytes();
+    b.len() == 36
+        && b[14] == b'4'
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => matches!(c, b'0'..=b'9' | b'a'..=b'f'),
+        })
+}
+
+fn bench(criterion: &mut Criterion, runtime: &Runtime, case: &Case) {
+    let mut stage = Stage::new(runtime, case);
+    stage.validate(case);
+    let mut group = criterion.benchmark_group(case.name);
+    group.throughput(Throughput::Elements(case.elements()));
+    let Stage {
+        native,
+        wasm,
+        native_context,
+        wasm_context,
+    } = &mut stage;
+    match &case.input {
+        Input::Event(payload) => {
+            group.bench_function("native", |b| {
+                b.iter(|| {
+                    native
+                        .handle_device_event(native_context, black_box(payload))
+                        .expect("the native guest takes the event")
+                });
+            });
+            group.bench_function("wasm", |b| {
+                b.iter(|| {
+                    wasm.device_event(wasm_context, black_box(payload))
+                        .expect("the component runs")
+                        .expect("the component takes the event")
+                });
+            });
+        }
+        Input::Bulk { label, payload } => {
+            group.bench_function("native", |b| {
+                b.iter(|| {
+                    native
+                        .handle_bulk_data(DEVICE_ID, label, black_box(payload))
+                        .expect("the native guest takes the bulk payload")
+                });
+            });
+            group.bench_function("wasm", |b| {
+                b.iter(|| {
+                    wasm.bulk_data(DEVICE_ID, label, black_box(payload))
+                        .expect("the component runs")
+                        .expect("the component takes the bulk payload")
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
+/// Where criterion keeps its results: `$CRITERION_HOME`, else
+/// `<target>/criterion` (as criterion itself decides).
+fn criterion_dir() -> PathBuf {
+    std::env::var_os("CRITERION_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| artifacts::target_dir().join("criterion"))
+}
+
+/// The mean time per iteration, in ns, criterion saved for `group/function`
+/// during this run (written after `started`); `None` when it saved none
+/// (test or list mode, filtered out, `--baseline` given).
+fn mean_ns(group: &str, function: &str, started: SystemTime) -> Option<f64> {
+    let path = criterion_dir()
+        .join(group)
+        .join(function)
+        .join("new/estimates.json");
+    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+    if modified < started {
+        return None;
+    }
+    let text = std::fs::read_to_string(&path).ok()?;
+    let estimates: serde_json::Value = serde_json::from_str(&text).ok()?;
+    estimates["mean"]["point_estimate"].as_f64()
+}
+
+/// Prints native against wasm per record for every case this run measured.
+fn print_table(cases: &[Case], started: SystemTime) {
+    let rows: Vec<_> = cases
+        .iter()
+        .filter_map(|case| {
+            let native = mean_ns(case.name, "native", started)?;
+            let wasm = mean_ns(case.name, "wasm", started)?;
+            Some((case, native, wasm))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("guest stage, mean per record (per message where a message yields none), one core:");
+    println!(
+        "{:<18} {:>8} {:>13} {:>12} {:>11} {:>14} {:>16}",
+        "case",
+        "rec/call",
+        "native ns/rec",
+        "wasm ns/rec",
+        "wasm/native",
+        "+wasm ns/call",
+        "wasm rec/s/core"
+    );
+    for (case, native, wasm) in rows {
+        let per = case.elements() as f64;
+        println!(
+            "{:<18} {:>8} {:>13.1} {:>12.1} {:>10.2}x {:>14.0} {:>16.0}",
+            case.name,
+            case.records,
+            native / per,
+            wasm / per,
+            wasm / native,
+            wasm - native,
+            1e9 * per / wasm
+        );
+    }
+}
+
+fn main() {
+    let mut criterion = Criterion::default()
+        .warm_up_time(WARM_UP)
+        .measurement_time(MEASUREMENT)
+        .configure_from_args();
+    let path = artifacts::guest_wasm();
+    let runtime = Runtime::load(&path)
+        .unwrap_or_else(|e| panic!("load the guest component {}: {e}", path.display()));
+    let cases = cases();
+    let started = SystemTime::now();
+    for case in &cases {
+        bench(&mut criterion, &runtime, case);
+    }
+    criterion.final_summary();
+    print_table(&cases, started);
+}

@@ -1,0 +1,380 @@
+//! [`BlackholeKinesis`]: a **bench-only** Kinesis endpoint that answers `PutRecords` as Kinesis
+//! does and keeps nothing, so a benchmark measures ksm's own ceiling rather than an emulator's.
+//!
+//! It is not an emulator and no test of ksm's behaviour may use it: it checks no signature,
+//! knows no stream but the one it is started with, never throttles and stores no data. What it
+//! does do, it does the way Kinesis does:
+//!
+//! - `ListShards` lists `shards` open shards splitting the 128-bit hash key range evenly
+//!   (`shardId-000000000000`, ...), so ksm's shard map and pacing work as against a real
+//!   stream;
+//! - `PutRecords` answers every entry with a sequence number and the shard that the entry's
+//!   partition key (MD5, as Kinesis hashes it) or explicit hash key maps to;
+//! - any other operation gets a 400 `UnknownOperationException`.
+//!
+//! It counts requests, records and data bytes, and reads a send time out of each record that
+//! carries one (see [`sent_at`]): the time from publish to `PutRecords` arriving here is the
+//! latency a benchmark reports. `GET /stats` returns the counters and latency percentiles as
+//! JSON; `POST /reset` zeroes them.
+//!
+//! Run it in a process of its own ([`BlackholeKinesis::serve`]) so that its CPU time is not
+//! counted as ksm's or the load generator's.
+
+use std::convert::Infallible;
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use md5::{Digest, Md5};
+use serde::Deserialize;
+use serde_json::json;
+
+/// Marks a bulk benchmark record: the 8 bytes after it are the publish time, nanoseconds
+/// since the Unix epoch, little-endian.
+pub const BULK_MARK: &[u8; 8] = b"KSMBENCH";
+
+/// Marks the publish time inside an event record's JSON: `"sentAt":<ns since the epoch>`.
+pub const EVENT_MARK: &[u8] = b"\"sentAt\":";
+
+/// Most latency samples kept between two resets (about 40 MB).
+const MAX_SAMPLES: usize = 10_000_000;
+
+/// What the blackhole has seen since it started or was last reset.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, Deserialize)]
+pub struct BlackholeStats {
+    /// `PutRecords` requests answered.
+    pub requests: u64,
+    /// Records accepted.
+    pub records: u64,
+    /// Record data bytes accepted (partition keys not counted).
+    pub data_bytes: u64,
+    /// Records that carried a send time.
+    pub latency_samples: u64,
+    /// Median publish-to-`PutRecords` latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// Largest latency, microseconds.
+    pub max_us: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: u64,
+    records: u64,
+    data_bytes: u64,
+    sequence: u64,
+    latencies_us: Vec<u32>,
+}
+
+impl Counters {
+    fn stats(&self) -> BlackholeStats {
+        let mut sorted = self.latencies_us.clone();
+        sorted.sort_unstable();
+        let at = |q: f64| {
+            let index = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+            sorted.get(index).copied().map_or(0, u64::from)
+        };
+        BlackholeStats {
+            requests: self.requests,
+            records: self.records,
+            data_bytes: self.data_bytes,
+            latency_samples: sorted.len() as u64,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            max_us: sorted.last().copied().map_or(0, u64::from),
+        }
+    }
+}
+
+/// The bench-only Kinesis endpoint (see the module docs).
+pub struct BlackholeKinesis {
+    shards: Vec<Shard>,
+    counters: Mutex<Counters>,
+}
+
+struct Shard {
+    id: String,
+    start: u128,
+    end: u128,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PutRecordsRequest {
+    records: Vec<Entry>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Entry {
+    data: String,
+    partition_key: String,
+    explicit_hash_key: Option<String>,
+}
+
+impl BlackholeKinesis {
+    /// An endpoint whose one stream has `shards` open shards (at least 1).
+    pub fn new(shards: u32) -> BlackholeKinesis {
+        let count = u128::from(shards.max(1));
+        let width = u128::MAX / count;
+        let shards = (0..count)
+            .map(|i| Shard {
+                id: format!("shardId-{i:012}"),
+                start: i * width,
+                end: if i + 1 == count {
+                    u128::MAX
+                } else {
+                    (i + 1) * width - 1
+                },
+            })
+            .collect();
+        BlackholeKinesis {
+            shards,
+            counters: Mutex::new(Counters::default()),
+        }
+    }
+
+    /// Serves HTTP/1.1 on `listener` until the process ends, on a current-thread runtime.
+    pub fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        let blackhole = Arc::new(self);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            loop {
+                let (stream, _) = listener.accept().await?;
+                let _ = stream.set_nodelay(true);
+                let blackhole = Arc::clone(&blackhole);
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let blackhole = Arc::clone(&blackhole);
+                        async move { Ok::<_, Infallible>(blackhole.answer(request).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
+    }
+
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn answer(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = request.into_parts();
+        let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "SerializationException",
+                "unreadable body",
+            );
+        };
+        match (&parts.method, parts.uri.path()) {
+            (&Method::GET, "/stats") => {
+                let stats = self.counters().stats();
+                return respond(StatusCode::OK, json!(stats).to_string());
+            }
+            (&Method::POST, "/reset") => {
+                *self.counters() = Counters::default();
+                return respond(StatusCode::OK, "{}".to_owned());
+            }
+            _ => {}
+        }
+        let operation = parts
+            .headers
+            .get("x-amz-target")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|target| target.rsplit('.').next())
+            .unwrap_or_default();
+        match operation {
+            "PutRecords" => self.put_records(&body),
+            "ListShards" => self.list_shards(),
+            other => error(
+                StatusCode::BAD_REQUEST,
+                "UnknownOperationException",
+                &format!("the bench-only blackhole endpoint does not serve `{other}`"),
+            ),
+        }
+    }
+
+    fn list_shards(&self) -> Response<Full<Bytes>> {
+        let shards: Vec<_> = self
+            .shards
+            .iter()
+            .map(|shard| {
+                json!({
+                    "ShardId": shard.id,
+                    "HashKeyRange": {
+                        "StartingHashKey": shard.start.to_string(),
+                        "EndingHashKey": shard.end.to_string(),
+                    },
+                    "SequenceNumberRange": { "StartingSequenceNumber": "1" },
+                })
+            })
+            .collect();
+        respond(StatusCode::OK, json!({ "Shards": shards }).to_string())
+    }
+
+    fn put_records(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let request: PutRecordsRequest = match serde_json::from_slice(body) {
+            Ok(request) => request,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "SerializationException",
+                    &e.to_string(),
+                );
+            }
+        };
+        let now = now_ns();
+        let mut data_bytes = 0u64;
+        let mut latencies = Vec::with_capacity(request.records.len());
+        let mut shards = Vec::with_capacity(request.records.len());
+        for entry in &request.records {
+            let Ok(data) = base64::engine::general_purpose::STANDARD.decode(&entry.data) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "SerializationException",
+                    "bad base64",
+                );
+            };
+            data_bytes += data.len() as u64;
+            if let Some(sent) = sent_at(&data) {
+                let micros = now.saturating_sub(sent) / 1000;
+                latencies.push(u32::try_from(micros).unwrap_or(u32::MAX));
+            }
+            shards.push(self.shard_of(entry));
+        }
+        let first_sequence = {
+            let mut counters = self.counters();
+            counters.requests += 1;
+            counters.records += request.records.len() as u64;
+            counters.data_bytes += data_bytes;
+            let room = MAX_SAMPLES.saturating_sub(counters.latencies_us.len());
+            latencies.truncate(room);
+            counters.latencies_us.extend(latencies);
+            counters.sequence += request.records.len() as u64;
+            counters.sequence - request.records.len() as u64
+        };
+        let results: Vec<_> = shards
+            .iter()
+            .zip(first_sequence..)
+            .map(|(shard, sequence)| {
+                json!({
+                    "SequenceNumber": format!("{:056}", sequence),
+                    "ShardId": self.shards[*shard].id,
+                })
+            })
+            .collect();
+        respond(
+            StatusCode::OK,
+            json!({ "FailedRecordCount": 0, "Records": results, "EncryptionType": "NONE" })
+                .to_string(),
+        )
+    }
+
+    fn shard_of(&self, entry: &Entry) -> usize {
+        let hash = entry
+            .explicit_hash_key
+            .as_deref()
+            .and_then(|key| key.parse::<u128>().ok())
+            .unwrap_or_else(|| {
+                u128::from_be_bytes(Md5::digest(entry.partition_key.as_bytes()).into())
+            });
+        self.shards.partition_point(|shard| shard.start <= hash) - 1
+    }
+}
+
+/// The publish time a benchmark record carries, nanoseconds since the Unix epoch: after
+/// [`BULK_MARK`] at the start of a bulk record, or after [`EVENT_MARK`] in an event's JSON.
+pub fn sent_at(data: &[u8]) -> Option<u64> {
+    if let Some(rest) = data.strip_prefix(BULK_MARK.as_slice()) {
+        let bytes: [u8; 8] = rest.get(..8)?.try_into().ok()?;
+        return Some(u64::from_le_bytes(bytes));
+    }
+    let at = data
+        .windows(EVENT_MARK.len())
+        .position(|window| window == EVENT_MARK)?;
+    let digits = &data[at + EVENT_MARK.len()..];
+    let end = digits
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(digits.len());
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// Now, in nanoseconds since the Unix epoch (the clock publishers stamp records with).
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amzn-requestid", "blackhole")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a static response is valid")
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        json!({ "__type": kind, "message": message }).to_string(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_send_times_from_bulk_and_event_records() {
+        let mut bulk = BULK_MARK.to_vec();
+        bulk.extend_from_slice(&1_234_567_u64.to_le_bytes());
+        bulk.extend_from_slice(b"padding");
+        assert_eq!(sent_at(&bulk), Some(1_234_567));
+        let event = br#"{"eventType":"bench","eventData":{"sentAt":98765,"pad":"x"}}"#;
+        assert_eq!(sent_at(event), Some(98_765));
+        assert_eq!(sent_at(b"{\"eventType\":\"other\"}"), None);
+        assert_eq!(sent_at(b"KSMBENCH\x01"), None);
+    }
+
+    #[test]
+    fn shards_cover_the_hash_range_and_match_kinesis_hashing() {
+        let blackhole = BlackholeKinesis::new(4);
+        assert_eq!(blackhole.shards[0].start, 0);
+        assert_eq!(blackhole.shards[3].end, u128::MAX);
+        for pair in blackhole.shards.windows(2) {
+            assert_eq!(pair[0].end + 1, pair[1].start);
+        }
+        let entry = |key: &str, explicit: Option<&str>| Entry {
+            data: String::new(),
+            partition_key: key.to_owned(),
+            explicit_hash_key: explicit.map(str::to_owned),
+        };
+        // MD5("1001") = 0xb8c37e33...: in the third quarter of the range.
+        assert_eq!(blackhole.shard_of(&entry("1001", None)), 2);
+        assert_eq!(blackhole.shard_of(&entry("1001", Some("0"))), 0);
+        let top = u128::MAX.to_string();
+        assert_eq!(blackhole.shard_of(&entry("1001", Some(&top))), 3);
+    }
+}
