@@ -14,6 +14,16 @@ use fjall::{
     Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch as WriteBatch, PersistMode,
 };
 
+/// Most bytes a keyspace holds in memory before fjall writes them to a table
+/// file. Spool records are mostly removed soon after they are written, so
+/// small memtables cost little I/O, and they bound both the memory ksm uses
+/// and what a restart must replay from the journal (fjall's default, 64 MiB
+/// per keyspace, made a restart after heavy load take seconds).
+const MAX_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Most bytes of journal kept before fjall flushes memtables to free it
+/// (fjall's smallest allowed; its default is 512 MiB).
+const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -60,7 +70,9 @@ impl Store {
         let path = dir.join("store");
         let open = || {
             std::fs::create_dir_all(&path)?;
-            Database::builder(&path).open()
+            Database::builder(&path)
+                .max_journaling_size(MAX_JOURNAL_BYTES)
+                .open()
         };
         let db = open().map_err(|source| StoreError::Open {
             path: path.clone(),
@@ -73,7 +85,9 @@ impl Store {
     pub fn keyspace(&self, module: &str, kind: &str) -> Result<Keyspace, StoreError> {
         Ok(self
             .db
-            .keyspace(&format!("{module}.{kind}"), KeyspaceCreateOptions::default)?)
+            .keyspace(&format!("{module}.{kind}"), || {
+                KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
+            })?)
     }
 
     /// A new atomic write batch.
