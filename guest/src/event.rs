@@ -66,6 +66,9 @@ impl Origin<'_> {
 pub struct Payload {
     event_type: String,
     object: Map<String, Value>,
+    /// The payload's length: about what the MODE Event needs beside the
+    /// fields ksm adds.
+    object_len_hint: usize,
 }
 
 impl Payload {
@@ -101,7 +104,11 @@ impl Payload {
             }
             None => return Err(Error::invalid_field("eventType", "missing")),
         };
-        Ok(Payload { event_type, object })
+        Ok(Payload {
+            event_type,
+            object,
+            object_len_hint: payload.len(),
+        })
     }
 
     /// The event's type.
@@ -151,30 +158,46 @@ impl Payload {
             _ => origin.received_at().to_owned(),
         };
 
-        let mut event = Map::new();
-        event.insert("eventType".into(), Value::String(self.event_type));
-        event.insert("eventData".into(), Value::Object(event_data));
-        event.insert("timestamp".into(), Value::String(timestamp));
-        event.insert("homeId".into(), home_id.into());
-        let optional = |event: &mut Map<String, Value>, key: &str, v: &Option<String>| {
-            if let Some(v) = v {
-                event.insert(key.into(), Value::String(v.clone()));
-            }
+        // Written field by field (what serialising a `Map` in this order
+        // would give, without building one).
+        let mut out = Vec::with_capacity(self.object_len_hint + 192);
+        field(&mut out, '{', "eventType", &self.event_type)?;
+        field(&mut out, ',', "eventData", &event_data)?;
+        field(&mut out, ',', "timestamp", &timestamp)?;
+        field(&mut out, ',', "homeId", &home_id)?;
+        let optional = |out: &mut Vec<u8>, key: &str, value: &Option<String>| match value {
+            Some(value) => field(out, ',', key, value),
+            None => Ok(()),
         };
         match origin {
             Origin::Device(c) => {
-                event.insert("originDeviceId".into(), c.device_id.into());
-                optional(&mut event, "originDeviceClass", &c.device_class);
-                optional(&mut event, "originDeviceIp", &c.device_ip);
+                field(&mut out, ',', "originDeviceId", &c.device_id)?;
+                optional(&mut out, "originDeviceClass", &c.device_class)?;
+                optional(&mut out, "originDeviceIp", &c.device_ip)?;
             }
             Origin::Home(c) => {
-                optional(&mut event, "originProjectKeyId", &c.project_key_id);
-                optional(&mut event, "originProjectKeyName", &c.project_key_name);
+                optional(&mut out, "originProjectKeyId", &c.project_key_id)?;
+                optional(&mut out, "originProjectKeyName", &c.project_key_name)?;
             }
         }
-        serde_json::to_vec(&Value::Object(event))
-            .map_err(|e| Error::Other(format!("cannot serialise the event: {e}")))
+        out.push(b'}');
+        Ok(out)
     }
+}
+
+/// Appends `{sep}"key":value` as compact JSON (`key` needs no escaping).
+fn field(
+    out: &mut Vec<u8>,
+    sep: char,
+    key: &str,
+    value: &impl serde::Serialize,
+) -> Result<(), Error> {
+    out.push(sep as u8);
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    serde_json::to_writer(out, value)
+        .map_err(|e| Error::Other(format!("cannot serialise the event: {e}")))
 }
 
 /// Name of a JSON value's type, for error details.

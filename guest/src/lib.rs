@@ -163,8 +163,13 @@ impl Forwarder {
             return Ok(BulkOutput::default());
         }
         let mut out = BulkOutput::default();
+        // Every record of a payload has the same device key: format it once.
+        let device_key = (!settings.use_uuid).then(|| partition_key(false, device_id));
         for (index, span) in (0u32..).zip(bulk::unpack(payload)?) {
-            let partition_key = partition_key(settings.use_uuid, device_id);
+            let partition_key = match &device_key {
+                Some(key) => key.clone(),
+                None => partition_key(true, device_id),
+            };
             match check_size(
                 index,
                 span.len as usize,
