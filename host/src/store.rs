@@ -83,11 +83,9 @@ impl Store {
 
     /// The keyspace `{module}.{kind}`, created if new.
     pub fn keyspace(&self, module: &str, kind: &str) -> Result<Keyspace, StoreError> {
-        Ok(self
-            .db
-            .keyspace(&format!("{module}.{kind}"), || {
-                KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
-            })?)
+        Ok(self.db.keyspace(&format!("{module}.{kind}"), || {
+            KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE_BYTES)
+        })?)
     }
 
     /// A new atomic write batch.
