@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing, then format, lints, every test of every crate,
-# and the conformance suite against the reference guest and the JavaScript guest. Exits
-# non-zero on any failure.
+# a short run of each benchmark, and the conformance suite against the reference guest and
+# the JavaScript guest. Exits non-zero on any failure.
 #
 # Conformance runs through the dev-profile host (`cargo run -p ksm-host`), not --release:
 # `cargo test` has just built that binary and every dependency in the dev profile (where
@@ -38,6 +38,14 @@ cargo clippy -p ksm-guest -p ksm-fixture-misbehaving-guest -p ksm-fixture-socket
 step "tests (every crate)"
 # The integration tests use the component built above instead of building it again.
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo test --workspace --no-fail-fast
+
+step "benches: build them and run each briefly, so they keep working (figures: BENCHMARKS.md)"
+# The dev profile reuses the test build (a release build would compile wasmtime and the AWS
+# SDK again, with LTO, for minutes); no figure from these runs means anything.
+KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench guest_stage \
+    -- --warm-up-time 0.2 --measurement-time 0.5
+KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench e2e \
+    -- --seconds 2 --warmup 1
 
 step "conformance: the JavaScript guest (examples/guest-js)"
 bash scripts/build-js-guest.sh

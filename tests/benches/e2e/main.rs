@@ -152,6 +152,8 @@ struct Run {
     endpoint_cores: Option<f64>,
     peak_rss_mb: Option<f64>,
     startup_ms: Option<f64>,
+    /// ksm's busiest threads (by name) and the cores each used.
+    ksm_threads: Vec<(String, f64)>,
 }
 
 fn bench(options: &Options) -> anyhow::Result<()> {
@@ -441,6 +443,7 @@ stream_name = "{STREAM}"
             procfs::own_cpu_seconds(),
             cpu(endpoint_pid),
         );
+        let threads_before = ksm_pid.map(procfs::thread_cpu_seconds).unwrap_or_default();
         let started = Instant::now();
         let first = poll_until(started)?;
         let last = poll_until(started + Duration::from_secs_f64(self.options.seconds))?;
@@ -451,6 +454,17 @@ stream_name = "{STREAM}"
             procfs::own_cpu_seconds(),
             cpu(endpoint_pid),
         );
+        let mut ksm_threads: Vec<(String, f64)> = ksm_pid
+            .map(procfs::thread_cpu_seconds)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, seconds)| {
+                let before = threads_before.get(&name).copied().unwrap_or(0.0);
+                (name, (seconds - before) / elapsed)
+            })
+            .filter(|(_, cores)| *cores >= 0.01)
+            .collect();
+        ksm_threads.sort_by(|a, b| b.1.total_cmp(&a.1));
         let records = (last - first) as f64;
         let share = |b: Option<f64>, a: Option<f64>| Some((a? - b?) / elapsed);
         let ksm_cores = share(before.0, after.0);
@@ -471,6 +485,7 @@ stream_name = "{STREAM}"
             broker_cores: share(before.1, after.1).unwrap_or_default(),
             loadgen_cores: (after.2 - before.2) / elapsed,
             endpoint_cores: share(before.3, after.3),
+            ksm_threads,
             ..Run::default()
         })
     }
@@ -584,5 +599,15 @@ fn print_report(options: &Options, build: &str, cold_start_ms: f64, runs: &[Run]
             opt(run.peak_rss_mb, 0),
             opt(run.startup_ms, 0),
         );
+    }
+    println!();
+    println!("ksm's threads, cores each (tokio-rt-worker: all of Tokio's workers together):");
+    for run in runs.iter().filter(|run| !run.ksm_threads.is_empty()) {
+        let threads: Vec<String> = run
+            .ksm_threads
+            .iter()
+            .map(|(name, cores)| format!("{name} {cores:.2}"))
+            .collect();
+        println!("- {}: {}", run.what, threads.join(", "));
     }
 }

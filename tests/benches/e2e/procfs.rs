@@ -1,10 +1,35 @@
 //! CPU time and memory of a process, from Linux's `/proc`.
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 /// CPU seconds (user + system) process `pid` has used; `None` once it is gone.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// CPU seconds per thread name of process `pid` (threads of one name added up).
+pub fn thread_cpu_seconds(pid: u32) -> BTreeMap<String, f64> {
+    let mut threads = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("?", |(name, _)| name)
+            .to_owned();
+        *threads.entry(name).or_default() += stat_cpu_seconds(&stat).unwrap_or(0.0);
+    }
+    threads
+}
+
+/// utime + stime of a `/proc/.../stat` line, in seconds.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     // The command name may hold spaces; the fields after it are space-separated.
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split(' ').collect();
