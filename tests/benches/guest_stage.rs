@@ -41,6 +41,7 @@ use std::time::{Duration, SystemTime};
 use criterion::{Criterion, Throughput};
 use ksm_guest::Forwarder;
 use ksm_host::bindings::types as wit;
+use ksm_host::conformance::is_uuid_v4;
 use ksm_host::runtime::{Guest, Runtime};
 use ksm_tests::artifacts;
 
@@ -268,43 +269,25 @@ impl Stage {
     /// The native answer, normalised for comparison.
     fn native_answer(&self, input: &Input) -> Answer {
         match input {
-            Input::Event(payload) => {
-                let records = self
-                    .native
+            Input::Event(payload) => Answer::events(
+                self.native
                     .handle_device_event(&self.native_context, payload)
-                    .expect("the native guest takes the event");
-                Answer {
-                    records: records
-                        .into_iter()
-                        .map(|r| AnswerRecord {
-                            span: None,
-                            data: r.data,
-                            key: r.partition_key,
-                        })
-                        .collect(),
-                    rejected: 0,
-                }
-            }
+                    .expect("the native guest takes the event")
+                    .into_iter()
+                    .map(|r| (r.data, r.partition_key)),
+            ),
             Input::Bulk { label, payload } => {
                 let out = self
                     .native
                     .handle_bulk_data(DEVICE_ID, label, payload)
                     .expect("the native guest takes the bulk payload");
-                Answer {
-                    records: out
-                        .records
+                Answer::bulk(
+                    payload,
+                    out.records
                         .into_iter()
-                        .map(|r| {
-                            let span = (r.data.offset, r.data.len);
-                            AnswerRecord {
-                                span: Some(span),
-                                data: span_bytes(payload, span),
-                                key: r.partition_key,
-                            }
-                        })
-                        .collect(),
-                    rejected: out.rejected.len(),
-                }
+                        .map(|r| ((r.data.offset, r.data.len), r.partition_key)),
+                    out.rejected.len(),
+                )
             }
         }
     }
@@ -315,49 +298,31 @@ impl Stage {
             assert_eq!(*key, None, "the guest never sets an explicit hash key");
         };
         match input {
-            Input::Event(payload) => {
-                let records = self
-                    .wasm
+            Input::Event(payload) => Answer::events(
+                self.wasm
                     .device_event(&self.wasm_context, payload)
                     .expect("the component runs")
-                    .expect("the component takes the event");
-                Answer {
-                    records: records
-                        .into_iter()
-                        .map(|r| {
-                            no_hash_key(&r.explicit_hash_key);
-                            AnswerRecord {
-                                span: None,
-                                data: r.data,
-                                key: r.partition_key,
-                            }
-                        })
-                        .collect(),
-                    rejected: 0,
-                }
-            }
+                    .expect("the component takes the event")
+                    .into_iter()
+                    .map(|r| {
+                        no_hash_key(&r.explicit_hash_key);
+                        (r.data, r.partition_key)
+                    }),
+            ),
             Input::Bulk { label, payload } => {
                 let out = self
                     .wasm
                     .bulk_data(DEVICE_ID, label, payload)
                     .expect("the component runs")
                     .expect("the component takes the bulk payload");
-                Answer {
-                    records: out
-                        .records
-                        .into_iter()
-                        .map(|r| {
-                            no_hash_key(&r.explicit_hash_key);
-                            let span = (r.data.offset, r.data.len);
-                            AnswerRecord {
-                                span: Some(span),
-                                data: span_bytes(payload, span),
-                                key: r.partition_key,
-                            }
-                        })
-                        .collect(),
-                    rejected: out.rejected.len(),
-                }
+                Answer::bulk(
+                    payload,
+                    out.records.into_iter().map(|r| {
+                        no_hash_key(&r.explicit_hash_key);
+                        ((r.data.offset, r.data.len), r.partition_key)
+                    }),
+                    out.rejected.len(),
+                )
             }
         }
     }
@@ -423,6 +388,39 @@ struct AnswerRecord {
 }
 
 impl Answer {
+    /// An event answer: each record's data and key.
+    fn events(records: impl Iterator<Item = (Vec<u8>, String)>) -> Answer {
+        Answer {
+            records: records
+                .map(|(data, key)| AnswerRecord {
+                    span: None,
+                    data,
+                    key,
+                })
+                .collect(),
+            rejected: 0,
+        }
+    }
+
+    /// A bulk answer: each record's span of `payload` (offset, length) and
+    /// key, and how many the guest refused.
+    fn bulk(
+        payload: &[u8],
+        records: impl Iterator<Item = ((u32, u32), String)>,
+        rejected: usize,
+    ) -> Answer {
+        Answer {
+            records: records
+                .map(|(span, key)| AnswerRecord {
+                    span: Some(span),
+                    data: span_bytes(payload, span),
+                    key,
+                })
+                .collect(),
+            rejected,
+        }
+    }
+
     /// Checks that every key is a distinct UUIDv4 and replaces it with a
     /// placeholder, so that two answers compare on the rest.
     fn mask_uuid_keys(&mut self, case: &str, side: &str) {
@@ -433,17 +431,6 @@ impl Answer {
             *key = "<uuid>".to_owned();
         }
     }
-}
-
-/// Lowercase, hyphenated UUID of version 4.
-fn is_uuid_v4(key: &str) -> bool {
-    let b = key.as_bytes();
-    b.len() == 36
-        && b[14] == b'4'
-        && b.iter().enumerate().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => *c == b'-',
-            _ => matches!(c, b'0'..=b'9' | b'a'..=b'f'),
-        })
 }
 
 fn bench(criterion: &mut Criterion, runtime: &Runtime, case: &Case) {
