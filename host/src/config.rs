@@ -62,6 +62,9 @@ pub struct MqttConfig {
     /// Shared-subscription group: when set, ksm subscribes through
     /// `$share/{group}/...`, so several hosts in the group split the messages.
     pub shared_group: Option<String>,
+    /// Most payload bytes held between the broker and the store (received,
+    /// not yet committed); when full, ksm stops reading from the broker, MiB.
+    pub inflight_max_mib: u64,
 }
 
 impl Default for MqttConfig {
@@ -76,6 +79,7 @@ impl Default for MqttConfig {
             receive_maximum: 1000,
             max_packet_bytes: 16 * 1024 * 1024,
             shared_group: None,
+            inflight_max_mib: 256,
         }
     }
 }
@@ -109,6 +113,11 @@ pub struct ComponentConfig {
     /// How often component files are checked for changes, which are then
     /// swapped in, milliseconds; 0 turns watching off.
     pub watch_interval_ms: u64,
+    /// Most records (and, apart, most refused records) one guest call may
+    /// return; a call that returns more costs its message.
+    pub max_records_per_call: u32,
+    /// Most record bytes one event call may return, summed over its records.
+    pub max_event_output_bytes: u32,
 }
 
 impl Default for ComponentConfig {
@@ -118,6 +127,8 @@ impl Default for ComponentConfig {
             call_timeout_ms: 50,
             max_memory_mib: 64,
             watch_interval_ms: 1000,
+            max_records_per_call: 100_000,
+            max_event_output_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -158,6 +169,12 @@ pub struct KinesisConfig {
     pub shard_records_per_sec: u32,
     /// Bytes per second ksm writes to one shard at most (Kinesis takes 1 MiB).
     pub shard_bytes_per_sec: u64,
+    /// A record Kinesis fails this many times in a row for the same reason
+    /// (not throttling, not an unreachable endpoint) while other records go
+    /// through is kept as a dead letter, so the records after it can go.
+    pub record_max_attempts: u32,
+    /// Or once it has kept failing that way for this long, seconds.
+    pub record_max_failing_secs: u64,
 }
 
 impl Default for KinesisConfig {
@@ -169,6 +186,8 @@ impl Default for KinesisConfig {
             request_timeout_ms: 10_000,
             shard_records_per_sec: 1000,
             shard_bytes_per_sec: 1024 * 1024,
+            record_max_attempts: 20,
+            record_max_failing_secs: 300,
         }
     }
 }
@@ -308,7 +327,7 @@ impl Config {
         let mut unknown = Vec::new();
         let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: parse_message(text, &e),
         })?;
         let config: Config = serde_ignored::deserialize(deserializer, |key| {
             unknown.push(Problem {
@@ -318,7 +337,7 @@ impl Config {
         })
         .map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: parse_message(text, &e),
         })?;
         let mut problems = unknown;
         problems.extend(config.validate());
@@ -394,6 +413,33 @@ impl Config {
             report(
                 "kinesis.shard_bytes_per_sec".into(),
                 "must be 1024 to 1048576 (a shard takes 1 MiB/s)".into(),
+            );
+        }
+        if self.mqtt.inflight_max_mib == 0 {
+            report("mqtt.inflight_max_mib".into(), "must be at least 1".into());
+        }
+        if self.component.max_records_per_call == 0 {
+            report(
+                "component.max_records_per_call".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.component.max_event_output_bytes < KINESIS_MAX_RECORD_BYTES {
+            report(
+                "component.max_event_output_bytes".into(),
+                format!("must be at least {KINESIS_MAX_RECORD_BYTES} (one record of 1 MiB)"),
+            );
+        }
+        if self.kinesis.record_max_attempts < 2 {
+            report(
+                "kinesis.record_max_attempts".into(),
+                "must be at least 2".into(),
+            );
+        }
+        if self.kinesis.record_max_failing_secs == 0 {
+            report(
+                "kinesis.record_max_failing_secs".into(),
+                "must be at least 1".into(),
             );
         }
         if self.storage.spool_max_mib == 0 {
@@ -495,6 +541,50 @@ impl Config {
     /// The registry entry of a device, if it is registered.
     pub fn device(&self, id: u64) -> Option<&DeviceConfig> {
         self.devices.iter().find(|d| d.id == id)
+    }
+}
+
+/// Keys whose values are never shown in messages.
+const SECRET_KEYS: [&str; 1] = ["password"];
+
+/// A TOML error as `line L, column C: key: what`, without the offending
+/// line's text (the TOML crate quotes it, and it may hold a password); the
+/// parser's own words are kept unless the key is a secret.
+fn parse_message(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_owned();
+    };
+    let start = span.start.min(text.len());
+    let before = text.get(..start).unwrap_or_default();
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or_default();
+    let key = line_text
+        .split_once('=')
+        .map(|(key, _)| key.trim().trim_matches('"'))
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    let section = text
+        .lines()
+        .take(line - 1)
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("[[")
+                .and_then(|l| l.strip_suffix("]]"))
+                .or_else(|| l.strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+        })
+        .last();
+    let what = match key {
+        Some(key) if SECRET_KEYS.contains(&key) => {
+            "invalid value (not shown: it is a secret)".to_owned()
+        }
+        _ => error.message().trim().to_owned(),
+    };
+    match (section, key) {
+        (Some(section), Some(key)) => {
+            format!("line {line}, column {column}: `{section}.{key}`: {what}")
+        }
+        (None, Some(key)) => format!("line {line}, column {column}: `{key}`: {what}"),
+        _ => format!("line {line}, column {column}: {what}"),
     }
 }
 
@@ -815,6 +905,22 @@ stream_name = "bad name!"
         let err = Config::from_toml(&text, Path::new("x")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         assert!(err.to_string().contains("use_uuid"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_and_never_show_a_password() {
+        let secret = "hunter2-secret";
+        for text in [
+            format!("[mqtt]\nurl = \"mqtt://h\"\nusername = \"u\"\npassword = \"{secret}\n"),
+            format!("[mqtt]\nurl = \"mqtt://h\"\nusername = \"u\"\npassword = {secret}\n"),
+            format!("[mqtt]\nurl = \"mqtt://h\"\nusername = \"u\"\npassword = [\"{secret}\"]\n"),
+        ] {
+            let err = Config::from_toml(&text, Path::new("x")).unwrap_err();
+            let shown = err.to_string();
+            assert!(matches!(err, ConfigError::Parse { .. }), "{shown}");
+            assert!(!shown.contains(secret), "{shown}");
+            assert!(shown.contains("line 4"), "{shown}");
+        }
     }
 
     #[test]

@@ -35,8 +35,11 @@ impl Topic {
     pub fn parse(topic: &str) -> Result<Topic, String> {
         let levels: Vec<&str> = topic.split('/').collect();
         let id = |text: &str, what: &str| {
-            text.parse::<u64>().map_err(|_| {
-                format!("topic `{topic}`: {what} `{text}` is not a decimal integer ID")
+            canonical_id(text).ok_or_else(|| {
+                format!(
+                    "topic `{topic}`: {what} `{text}` is not a decimal integer ID \
+                     (digits only, no leading zeros, at most 18446744073709551615)"
+                )
             })
         };
         match levels[..] {
@@ -59,6 +62,15 @@ impl Topic {
     }
 }
 
+/// A decimal ID written the one way it can be: digits only, no sign, no
+/// leading zeros (so `/devices/0001/event` is not device 1's topic).
+fn canonical_id(text: &str) -> Option<u64> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -74,6 +86,10 @@ mod tests {
             Ok(Topic::HomeEvent { home_id: 77 })
         );
         assert_eq!(
+            Topic::parse("/devices/0/event"),
+            Ok(Topic::DeviceEvent { device_id: 0 })
+        );
+        assert_eq!(
             Topic::parse("/devices/5/bulkData/telemetry"),
             Ok(Topic::BulkData {
                 device_id: 5,
@@ -87,6 +103,12 @@ mod tests {
         for bad in [
             "/devices/abc/event",
             "/devices/-1/event",
+            "/devices/+1/event",
+            "/devices/0001/event",
+            "/devices/00/event",
+            "/devices/18446744073709551616/event",
+            "/homes/077/event",
+            "/devices/01/bulkData/x",
             "devices/1/event",
             "/devices/1/bulkData/",
             "/devices/1/other",
