@@ -3,10 +3,10 @@
 //! imports what the host does not give, or is of another world, is refused
 //! when it is loaded.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ksm_host::bindings::types::{DeviceContext, ModuleSettings};
-use ksm_host::runtime::{GuestLimits, Runtime, RuntimeError};
+use ksm_host::runtime::{CallResult, GuestFault, GuestLimits, Runtime, RuntimeError};
 use ksm_tests::{
     aws_env, guest_wasm, misbehaving_guest_wasm, sockets_guest_wasm, wrong_world_guest_wasm,
 };
@@ -23,34 +23,46 @@ fn context() -> DeviceContext {
     }
 }
 
-#[test]
-fn a_failing_call_is_an_error_and_the_next_call_works() {
-    let limits = GuestLimits {
-        call_timeout: Duration::from_millis(100),
-        max_memory_bytes: 32 * 1024 * 1024,
-    };
-    let runtime = Runtime::load_with(&misbehaving_guest_wasm(), limits).expect("the fixture loads");
-    let settings = ModuleSettings {
-        subscribe_events: vec!["*".into()],
+fn settings(subscribe_events: &[&str]) -> ModuleSettings {
+    ModuleSettings {
+        subscribe_events: subscribe_events.iter().map(|e| (*e).to_owned()).collect(),
         bulk_data_label: None,
         use_uuid: false,
         max_record_size: 1024 * 1024,
+    }
+}
+
+fn fixture(call_timeout_ms: u64, max_memory_mib: usize) -> Runtime {
+    let limits = GuestLimits {
+        call_timeout: Duration::from_millis(call_timeout_ms),
+        max_memory_bytes: max_memory_mib * 1024 * 1024,
     };
-    let mut guest = runtime
-        .instantiate(&settings)
-        .expect("the fixture configures");
+    Runtime::load_with(&misbehaving_guest_wasm(), limits).expect("the fixture loads")
+}
+
+/// The sandbox fault a call ended with, or a panic naming what came instead.
+fn fault_of<T: std::fmt::Debug>(result: CallResult<T>) -> GuestFault {
+    match result {
+        Err(RuntimeError::Fault(fault)) => fault,
+        other => panic!("expected a sandbox fault, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_failing_call_is_an_error_and_the_next_call_works() {
+    let runtime = fixture(100, 32);
+    let mut guest = runtime.instantiate(&settings(&["*"])).expect("configures");
     for (payload, symptom) in [
-        ("panic", "unreachable"),
-        ("loop", "interrupt"),
-        ("hog", "memory"),
+        ("panic", "trapped"),
+        ("loop", "ran past its deadline of 100 ms twice"),
+        ("hog", "went over its memory limit of 32 MiB"),
     ] {
         match guest.device_event(&context(), payload.as_bytes()) {
-            Err(RuntimeError::Trap(trap)) => {
-                let text = format!("{trap:?}");
+            Err(error) => {
+                let text = error.to_string();
                 assert!(text.contains(symptom), "{payload}: {text}");
             }
-            Err(other) => panic!("{payload}: expected a trap, got {other}"),
-            Ok(answer) => panic!("{payload}: expected a trap, got {answer:?}"),
+            Ok(answer) => panic!("{payload}: expected a failure, got {answer:?}"),
         }
         let records = guest
             .device_event(&context(), b"fine")
@@ -60,6 +72,86 @@ fn a_failing_call_is_an_error_and_the_next_call_works() {
         assert_eq!(records[0].data, b"fine");
         assert_eq!(records[0].partition_key, "7");
     }
+}
+
+#[test]
+fn a_guest_cannot_sleep_past_its_deadline_nor_in_configure() {
+    let runtime = fixture(50, 32);
+    let mut guest = runtime.instantiate(&settings(&["*"])).expect("configures");
+    let started = Instant::now();
+    let fault = fault_of(guest.device_event(&context(), b"sleep:20000"));
+    let took = started.elapsed();
+    assert!(
+        matches!(fault, GuestFault::Sleep { asked, .. } if asked == Duration::from_secs(20)),
+        "{fault}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "a 20 s sleep must end at once, took {took:?}"
+    );
+    let slept = guest
+        .device_event(&context(), b"sleep:5")
+        .expect("a short sleep within the deadline is fine")
+        .expect("and the event is answered");
+    assert_eq!(slept.len(), 1);
+    let forever =
+        fault_of(guest.device_event(&context(), format!("sleep:{}", u64::MAX).as_bytes()));
+    assert!(matches!(forever, GuestFault::Sleep { .. }), "{forever}");
+
+    let started = Instant::now();
+    match runtime.instantiate(&settings(&["*", "configure:sleep:60000"])) {
+        Err(RuntimeError::Fault(GuestFault::Sleep { .. })) => {}
+        Err(other) => panic!("expected a sleep fault, got {other}"),
+        Ok(_) => panic!("a configure that sleeps 60 s must fail"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    match runtime.instantiate(&settings(&["*", "configure:loop"])) {
+        Err(RuntimeError::Fault(fault)) => {
+            assert!(matches!(fault, GuestFault::OwnWork { .. }), "{fault}");
+        }
+        Err(other) => panic!("expected a deadline fault, got {other}"),
+        Ok(_) => panic!("a configure that loops must fail"),
+    }
+}
+
+#[test]
+fn memory_under_the_limit_is_fine_and_over_it_the_fault_says_so() {
+    let runtime = fixture(2000, 64);
+    let mut guest = runtime.instantiate(&settings(&["*"])).expect("configures");
+    let records = guest
+        .device_event(&context(), b"alloc:56")
+        .expect("56 MiB fits under 64 MiB")
+        .expect("and the event is answered");
+    assert_eq!(records.len(), 1);
+    let fault = fault_of(guest.device_event(&context(), b"alloc:80"));
+    assert!(
+        matches!(fault, GuestFault::Memory { limit, .. } if limit == 64 << 20),
+        "{fault}"
+    );
+    assert!(
+        fault.to_string().contains("memory limit of 64 MiB"),
+        "{fault}"
+    );
+}
+
+#[test]
+fn time_that_is_not_the_guests_own_work_gets_a_second_chance() {
+    // 90 ms asleep (not the guest's work) and 30 ms of its own: over a
+    // 100 ms deadline on the clock, well under it in CPU time.
+    let runtime = fixture(100, 32);
+    let mut guest = runtime.instantiate(&settings(&["*"])).expect("configures");
+    let records = guest
+        .device_event(&context(), b"sleep:90,spin:30")
+        .expect("the second try counts only the guest's own work")
+        .expect("and the event is answered");
+    assert_eq!(records.len(), 1);
+    // The guest's own work over the deadline still costs the message.
+    let fault = fault_of(guest.device_event(&context(), b"spin:250"));
+    assert!(matches!(fault, GuestFault::OwnWork { .. }), "{fault}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,68 +1,33 @@
 //! The wasmtime runtime: loads the smart-module component once, and gives
 //! each module its own configured, reusable, sandboxed guest instance.
 //!
-//! The guest gets a WASI context with nothing granted: no preopened
-//! directories, no environment, no arguments, no stdio, no network. A
+//! The guest is untrusted. It gets a WASI context with nothing granted (no
+//! preopened directories, environment, arguments, stdio or network); a
 //! component that imports anything beyond [`GRANTED_IMPORTS`] (sockets,
 //! HTTP, or any non-WASI interface) is refused when it is loaded. Every call
-//! runs under a deadline (epoch interruption) and a memory limit; a guest
-//! that traps or overruns them fails that one call, and its instance is
-//! replaced before the next call.
+//! runs under a deadline and a memory limit ([`sandbox`]): a guest that
+//! traps, loops, sleeps or overruns them fails that one call, and its
+//! instance is replaced before the next call.
+//!
+//! # Layout
+//! - [`sandbox`]: the linked interfaces, the bounded clock, limits and deadlines.
+
+pub mod sandbox;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, Store};
 
 use crate::bindings::types::{
     BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings,
 };
 use crate::bindings::{GuestError, SmartModule, SmartModulePre, describe};
-
-/// How often the engine's epoch advances; call deadlines are multiples of it.
-const EPOCH_TICK: Duration = Duration::from_millis(5);
-
-/// The interfaces (any version) a guest may import. Each WASI one is linked to a
-/// WASI context that grants nothing: the environment and arguments are
-/// empty, stdio is closed, no directory is preopened (so the filesystem
-/// interfaces show no files), and there is no network. Language runtimes
-/// import these whether or not they use them.
-pub const GRANTED_IMPORTS: &[&str] = &[
-    // The contract's own types (no functions).
-    "ksm:smart-module/types",
-    "wasi:cli/environment",
-    "wasi:cli/exit",
-    "wasi:cli/stdin",
-    "wasi:cli/stdout",
-    "wasi:cli/stderr",
-    "wasi:cli/terminal-input",
-    "wasi:cli/terminal-output",
-    "wasi:cli/terminal-stdin",
-    "wasi:cli/terminal-stdout",
-    "wasi:cli/terminal-stderr",
-    "wasi:clocks/monotonic-clock",
-    "wasi:clocks/wall-clock",
-    "wasi:filesystem/types",
-    "wasi:filesystem/preopens",
-    "wasi:io/error",
-    "wasi:io/poll",
-    "wasi:io/streams",
-    "wasi:random/random",
-    "wasi:random/insecure",
-    "wasi:random/insecure-seed",
-];
-
-/// True if the host gives the import `name` (`wasi:cli/exit@0.2.3`).
-fn is_granted(name: &str) -> bool {
-    let interface = name
-        .split_once('@')
-        .map_or(name, |(interface, _)| interface);
-    GRANTED_IMPORTS.contains(&interface)
-}
+use sandbox::{EPOCH_TICK, Sandbox};
+pub use sandbox::{GRANTED_IMPORTS, GuestFault, GuestState};
 
 /// Sandbox limits for every guest instance.
 #[derive(Debug, Clone, Copy)]
@@ -130,9 +95,30 @@ pub enum RuntimeError {
     /// The guest refused the module settings.
     #[error("the guest refused the module settings: {}", describe(.0))]
     Settings(GuestError),
-    /// The guest trapped, ran past its deadline or its memory limit.
-    #[error("the guest failed: {0:#}")]
+    /// The sandbox stopped the guest: deadline, clock wait, memory or table limit.
+    #[error("the guest {0}")]
+    Fault(GuestFault),
+    /// The guest trapped by itself (a panic, `unreachable`, a bad access...).
+    #[error("the guest trapped: {0:#}")]
     Trap(wasmtime::Error),
+}
+
+impl RuntimeError {
+    /// Sorts a failed call: a sandbox fault, or the guest's own trap.
+    fn from_call(error: wasmtime::Error) -> Self {
+        match error.downcast_ref::<GuestFault>() {
+            Some(fault) => RuntimeError::Fault(fault.clone()),
+            None => RuntimeError::Trap(error),
+        }
+    }
+
+    /// The sandbox fault behind this error, if it is one.
+    pub fn fault(&self) -> Option<&GuestFault> {
+        match self {
+            RuntimeError::Fault(fault) => Some(fault),
+            _ => None,
+        }
+    }
 }
 
 /// Stops the epoch ticker thread when the last engine user goes away.
@@ -202,7 +188,7 @@ impl GuestEngine {
         let component_type = component.component_type();
         if let Some((import, _)) = component_type
             .imports(engine)
-            .find(|(name, _)| !is_granted(name))
+            .find(|(name, _)| !sandbox::is_granted(name))
         {
             return Err(RuntimeError::Import {
                 path: path.to_owned(),
@@ -214,7 +200,7 @@ impl GuestEngine {
             source,
         };
         let mut linker = Linker::<GuestState>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(link_error)?;
+        sandbox::link(&mut linker).map_err(link_error)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(link_error)?;
         let pre = SmartModulePre::new(instance_pre).map_err(link_error)?;
         Ok(Runtime {
@@ -231,22 +217,6 @@ pub struct Runtime {
     pre: SmartModulePre<GuestState>,
 }
 
-/// What each guest store holds: an empty WASI context and the limits.
-pub struct GuestState {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-}
-
-impl WasiView for GuestState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
 impl Runtime {
     /// Loads a component with the default limits.
     pub fn load(path: &Path) -> Result<Runtime, RuntimeError> {
@@ -260,40 +230,64 @@ impl Runtime {
 
     /// Creates an instance and configures it with one module's settings.
     pub fn instantiate(&self, settings: &ModuleSettings) -> Result<Guest, RuntimeError> {
-        let (store, bindings) = self.new_instance()?;
-        let mut guest = Guest {
+        let (store, bindings) = self.configured(settings)?;
+        Ok(Guest {
             runtime: self.clone(),
             settings: settings.clone(),
             store,
             bindings,
-        };
-        guest.configure()?;
-        Ok(guest)
+        })
     }
 
-    fn new_instance(&self) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
-        let state = GuestState {
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(self.engine.limits.max_memory_bytes)
-                .trap_on_grow_failure(true)
-                .build(),
-        };
-        let mut store = Store::new(&self.engine.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(self.deadline_ticks());
-        store.epoch_deadline_trap();
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(RuntimeError::Instantiate)?;
+    /// A new instance, configured; a `configure` cut off by the clock gets
+    /// its second chance, as every call does.
+    fn configured(
+        &self,
+        settings: &ModuleSettings,
+    ) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+        match self.try_configured(settings, Sandbox::begin_wall) {
+            Err(error)
+                if error
+                    .fault()
+                    .is_some_and(GuestFault::deserves_second_chance) =>
+            {
+                self.try_configured(settings, Sandbox::begin_own_work)
+            }
+            other => other,
+        }
+    }
+
+    fn try_configured(
+        &self,
+        settings: &ModuleSettings,
+        begin: fn(&mut Sandbox) -> u64,
+    ) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+        let (mut store, bindings) = self.new_instance()?;
+        let ticks = begin(&mut store.data_mut().sandbox);
+        store.set_epoch_deadline(ticks);
+        bindings
+            .ksm_smart_module_forwarder()
+            .call_configure(&mut store, settings)
+            .map_err(RuntimeError::from_call)?
+            .map_err(RuntimeError::Settings)?;
         Ok((store, bindings))
     }
 
-    fn deadline_ticks(&self) -> u64 {
-        let ticks = self.engine.limits.call_timeout.as_millis() / EPOCH_TICK.as_millis();
-        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    fn new_instance(&self) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+        let limits = &self.engine.limits;
+        let state = GuestState::new(limits.call_timeout, limits.max_memory_bytes);
+        let mut store = Store::new(&self.engine.engine, state);
+        sandbox::enforce(&mut store);
+        // Instantiation runs guest code (start functions): under the deadline too.
+        let ticks = store.data_mut().sandbox.begin_wall();
+        store.set_epoch_deadline(ticks);
+        let bindings = self.pre.instantiate(&mut store).map_err(|error| {
+            match RuntimeError::from_call(error) {
+                RuntimeError::Trap(error) => RuntimeError::Instantiate(error),
+                fault => fault,
+            }
+        })?;
+        Ok((store, bindings))
     }
 }
 
@@ -365,58 +359,52 @@ impl Guest {
         })
     }
 
-    fn configure(&mut self) -> Result<(), RuntimeError> {
-        let settings = self.settings.clone();
-        self.call(|bindings, store| {
-            bindings
-                .ksm_smart_module_forwarder()
-                .call_configure(store, &settings)
-        })?
-        .map_err(RuntimeError::Settings)
-    }
-
-    /// Runs one call under the deadline; after a failure the instance is
-    /// replaced, since a trapped instance may not be entered again.
+    /// Runs one call: first under the wall-clock deadline; if that cut it
+    /// off, once more on a fresh instance that counts only the guest's own
+    /// CPU time (a busy machine is not a looping guest). After a failure
+    /// the instance is replaced, since a trapped instance may not be
+    /// entered again.
     fn call<T>(
         &mut self,
-        f: impl FnOnce(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
+        f: impl Fn(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<T, RuntimeError> {
-        self.store.set_epoch_deadline(self.runtime.deadline_ticks());
-        match f(&self.bindings, &mut self.store) {
+        let error = match self.attempt(Sandbox::begin_wall, &f) {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        self.replace_instance()?;
+        if !error
+            .fault()
+            .is_some_and(GuestFault::deserves_second_chance)
+        {
+            return Err(error);
+        }
+        match self.attempt(Sandbox::begin_own_work, &f) {
             Ok(value) => Ok(value),
-            Err(trap) => {
+            Err(error) => {
                 self.replace_instance()?;
-                Err(RuntimeError::Trap(trap))
+                Err(error)
             }
         }
     }
 
+    fn attempt<T>(
+        &mut self,
+        begin: fn(&mut Sandbox) -> u64,
+        f: &impl Fn(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
+    ) -> Result<T, RuntimeError> {
+        let ticks = begin(&mut self.store.data_mut().sandbox);
+        self.store.set_epoch_deadline(ticks);
+        f(&self.bindings, &mut self.store).map_err(RuntimeError::from_call)
+    }
+
+    /// A fresh, configured instance in place of the current one. If the
+    /// guest cannot be configured again, the current one stays: the next
+    /// call finds it unusable and tries again.
     fn replace_instance(&mut self) -> Result<(), RuntimeError> {
-        let (store, bindings) = self.runtime.new_instance()?;
+        let (store, bindings) = self.runtime.configured(&self.settings)?;
         self.store = store;
         self.bindings = bindings;
-        let settings = self.settings.clone();
-        self.store.set_epoch_deadline(self.runtime.deadline_ticks());
-        self.bindings
-            .ksm_smart_module_forwarder()
-            .call_configure(&mut self.store, &settings)
-            .map_err(RuntimeError::Trap)?
-            .map_err(RuntimeError::Settings)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_granted_interfaces_pass_whatever_their_version() {
-        assert!(is_granted("wasi:cli/environment@0.2.3"));
-        assert!(is_granted("wasi:io/streams@0.2.0"));
-        assert!(is_granted("wasi:random/random"));
-        assert!(!is_granted("wasi:sockets/tcp@0.2.3"));
-        assert!(!is_granted("wasi:http/outgoing-handler@0.2.3"));
-        assert!(!is_granted("wasi:cli/environment-extra@0.2.3"));
-        assert!(!is_granted("acme:secrets/vault"));
+        Ok(())
     }
 }
