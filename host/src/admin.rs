@@ -288,7 +288,7 @@ async fn replay_dead_letters(
     let inbox = inbox.upgrade().ok_or_else(shutting_down)?;
     let count = letters.len();
     for letter in letters {
-        let message = replay_message(&module, index, letter)?;
+        let message = replay_message(&module, index, letter);
         inbox.send(message).await.map_err(|_| shutting_down())?;
     }
     module.log.write(
@@ -300,21 +300,11 @@ async fn replay_dead_letters(
 
 /// A dead letter as a message for one module; once what it produces is
 /// safe, the dead letter is deleted.
-fn replay_message(
-    module: &Arc<Module>,
-    index: usize,
-    letter: DeadLetter,
-) -> Result<Message, ApiError> {
-    let data = letter.data().map_err(|e| {
-        internal(format!(
-            "dead letter {} has unreadable data: {e}",
-            letter.id
-        ))
-    })?;
+fn replay_message(module: &Arc<Module>, index: usize, letter: DeadLetter) -> Message {
     let payload = match (&letter.partition_key, letter.record_index) {
         // One refused bulk record goes through the guest as a one-record payload.
-        (None, Some(_)) => Bytes::from(crate::bulk::encode([&data])),
-        _ => Bytes::from(data),
+        (None, Some(_)) => Bytes::from(crate::bulk::encode([&letter.data])),
+        _ => letter.data.clone(),
     };
     let record = letter
         .partition_key
@@ -333,7 +323,7 @@ fn replay_message(
             );
         }
     });
-    Ok(Message {
+    Message {
         kind: Topic::parse(&letter.topic),
         topic: letter.topic.into(),
         payload,
@@ -343,7 +333,7 @@ fn replay_message(
             module: index,
             record,
         }),
-    })
+    }
 }
 
 async fn reload_components(

@@ -15,19 +15,45 @@ pub use generated::ksm::smart_module::types;
 pub use generated::{SmartModule, SmartModulePre};
 pub use types::Error as GuestError;
 
-/// A one-line description of a guest error, for module logs and dead letters.
+/// Most bytes of guest-chosen text (error details, field names) ksm keeps:
+/// longer text is cut there, with a note of its full length.
+pub const MAX_GUEST_TEXT_BYTES: usize = 4096;
+
+/// Guest-chosen text, cut to [`MAX_GUEST_TEXT_BYTES`] (at a character
+/// boundary) with a note of how long it was.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_GUEST_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_GUEST_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… (cut: the guest's text is {} bytes)",
+        &text[..end],
+        text.len()
+    )
+}
+
+/// A one-line description of a guest error, for module logs and dead
+/// letters; the guest's own text in it is [`bounded`].
 pub fn describe(error: &GuestError) -> String {
     match error {
-        GuestError::UnsupportedVersion(found) => {
-            format!("unsupported bulk data version `{found}`: only \"1.0\" is supported")
-        }
+        GuestError::UnsupportedVersion(found) => format!(
+            "unsupported bulk data version `{}`: only \"1.0\" is supported",
+            bounded(found)
+        ),
         GuestError::MalformedPayload(fault) => format!(
             "malformed bulk data payload at byte {}: {}",
-            fault.offset, fault.detail
+            fault.offset,
+            bounded(&fault.detail)
         ),
         GuestError::NotByteArray(element) => format!(
             "bulk data element {} at byte {} is a MessagePack {}, not a byte array",
-            element.index, element.offset, element.found
+            element.index,
+            element.offset,
+            bounded(&element.found)
         ),
         GuestError::RecordTooLarge(record) => format!(
             "record {} is {} bytes (data plus partition key), over the module's limit of {}",
@@ -35,15 +61,42 @@ pub fn describe(error: &GuestError) -> String {
         ),
         GuestError::InvalidEventJson(fault) => format!(
             "event payload is not a JSON object (byte {}): {}",
-            fault.offset, fault.detail
+            fault.offset,
+            bounded(&fault.detail)
         ),
-        GuestError::InvalidField(fault) => {
-            format!("event field `{}`: {}", fault.field, fault.detail)
-        }
-        GuestError::InvalidSettings(fault) => {
-            format!("module setting `{}`: {}", fault.field, fault.detail)
-        }
+        GuestError::InvalidField(fault) => format!(
+            "event field `{}`: {}",
+            bounded(&fault.field),
+            bounded(&fault.detail)
+        ),
+        GuestError::InvalidSettings(fault) => format!(
+            "module setting `{}`: {}",
+            bounded(&fault.field),
+            bounded(&fault.detail)
+        ),
         GuestError::NotConfigured => "the guest was called before configure".to_owned(),
-        GuestError::Other(text) => text.clone(),
+        GuestError::Other(text) => bounded(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_text_is_bounded_with_a_note() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(30_000);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_GUEST_TEXT_BYTES + 64, "{}", cut.len());
+        assert!(
+            cut.ends_with("(cut: the guest's text is 60000 bytes)"),
+            "{cut}"
+        );
+        let error = GuestError::InvalidField(types::FieldFault {
+            field: "f".repeat(10_000_000),
+            detail: "d".repeat(10_000_000),
+        });
+        assert!(describe(&error).len() < 3 * MAX_GUEST_TEXT_BYTES);
     }
 }

@@ -10,15 +10,21 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
 use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::clock;
 use crate::store::{self, Store, StoreError};
 
-/// One refused message or record.
+/// First byte of a dead letter stored as its JSON details followed by its
+/// raw data (the data is never base64-encoded in the store). Entries
+/// written by earlier versions are JSON objects and start with `{`.
+const BINARY_ENTRY: u8 = 2;
+
+/// One refused message or record. Its data is a [`Bytes`] view: the dead
+/// letters that several modules keep of one message share its payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
     /// Its ID in the module's dead-letter store (0 until stored).
@@ -39,17 +45,51 @@ pub struct DeadLetter {
     /// For a record the guest produced: its explicit hash key, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub explicit_hash_key: Option<String>,
-    /// The refused bytes (the whole payload, or the one record), base64.
-    pub data_base64: String,
+    /// The refused bytes (the whole payload, or the one record); base64 on the wire.
+    #[serde(rename = "data_base64", with = "base64_data")]
+    pub data: Bytes,
+}
+
+/// The details of a stored dead letter, without its data.
+#[derive(Serialize, Deserialize)]
+struct Details {
+    time: String,
+    reason: String,
+    topic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    record_index: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    partition_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    explicit_hash_key: Option<String>,
+}
+
+/// `data` as a base64 string on the wire.
+mod base64_data {
+    use super::{BASE64, Bytes};
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(data: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&BASE64.encode(data))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        BASE64
+            .decode(text)
+            .map(Bytes::from)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl DeadLetter {
-    /// A dead letter for refused input, stamped now.
+    /// A dead letter for refused input, stamped now; `data` is shared, not copied.
     pub fn new(
         reason: impl Into<String>,
         topic: &str,
         record_index: Option<u32>,
-        data: &[u8],
+        data: Bytes,
     ) -> Self {
         Self {
             id: 0,
@@ -59,7 +99,7 @@ impl DeadLetter {
             record_index,
             partition_key: None,
             explicit_hash_key: None,
-            data_base64: BASE64.encode(data),
+            data,
         }
     }
 
@@ -74,13 +114,61 @@ impl DeadLetter {
         Self {
             partition_key: Some(partition_key.to_owned()),
             explicit_hash_key: explicit_hash_key.map(str::to_owned),
-            ..Self::new(reason, topic, None, data)
+            ..Self::new(reason, topic, None, Bytes::copy_from_slice(data))
         }
     }
 
-    /// The refused bytes.
-    pub fn data(&self) -> Result<Vec<u8>, base64::DecodeError> {
-        BASE64.decode(&self.data_base64)
+    /// The bytes it takes in memory and in the store, roughly.
+    pub fn size(&self) -> usize {
+        self.data.len() + self.reason.len() + self.topic.len() + 64
+    }
+
+    /// The store's value: the details as JSON, then the raw data.
+    fn encode(&self) -> Vec<u8> {
+        let details = serde_json::to_vec(&Details {
+            time: self.time.clone(),
+            reason: self.reason.clone(),
+            topic: self.topic.clone(),
+            record_index: self.record_index,
+            partition_key: self.partition_key.clone(),
+            explicit_hash_key: self.explicit_hash_key.clone(),
+        })
+        .expect("dead-letter details serialize");
+        let len = u32::try_from(details.len()).expect("details are small");
+        let mut value = Vec::with_capacity(5 + details.len() + self.data.len());
+        value.push(BINARY_ENTRY);
+        value.extend_from_slice(&len.to_be_bytes());
+        value.extend_from_slice(&details);
+        value.extend_from_slice(&self.data);
+        value
+    }
+
+    /// Reads a stored value (this version's, or an earlier version's JSON).
+    fn decode(id: u64, value: &[u8]) -> Result<Self, String> {
+        if value.first() == Some(&b'{') {
+            let mut letter: DeadLetter =
+                serde_json::from_slice(value).map_err(|e| e.to_string())?;
+            letter.id = id;
+            return Ok(letter);
+        }
+        let rest = match value.split_first() {
+            Some((&BINARY_ENTRY, rest)) => rest,
+            _ => return Err("unknown entry format".into()),
+        };
+        let (len, rest) = rest.split_at_checked(4).ok_or("truncated entry")?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let (details, data) = rest.split_at_checked(len).ok_or("truncated entry")?;
+        let details: Details = serde_json::from_slice(details).map_err(|e| e.to_string())?;
+        Ok(Self {
+            id,
+            time: details.time,
+            reason: details.reason,
+            topic: details.topic,
+            record_index: details.record_index,
+            partition_key: details.partition_key,
+            explicit_hash_key: details.explicit_hash_key,
+            data: Bytes::copy_from_slice(data),
+        })
     }
 }
 
@@ -111,10 +199,9 @@ impl DeadLetterStore {
 
     /// Adds dead letters to a write batch, giving each its ID.
     pub fn stage(&self, batch: &mut WriteBatch, letters: Vec<DeadLetter>) {
-        for mut letter in letters {
-            letter.id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let value = serde_json::to_vec(&letter).expect("a dead letter serializes");
-            batch.insert(&self.keyspace, store::key(letter.id), value);
+        for letter in letters {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            batch.insert(&self.keyspace, store::key(id), letter.encode());
         }
     }
 
@@ -177,10 +264,10 @@ impl DeadLetterStore {
     }
 
     fn decode(&self, id: u64, value: &[u8]) -> Result<DeadLetter, StoreError> {
-        serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
+        DeadLetter::decode(id, value).map_err(|detail| StoreError::Corrupt {
             keyspace: format!("{:?}", self.keyspace.name()),
             seq: id,
-            detail: e.to_string(),
+            detail,
         })
     }
 }
@@ -196,8 +283,18 @@ mod tests {
         let letters = DeadLetterStore::open(&store, "mod-a").unwrap();
         letters
             .append(vec![
-                DeadLetter::new("bad version", "/devices/1/bulkData/x", None, b"\x01\x02"),
-                DeadLetter::new("too large", "/devices/1/bulkData/x", Some(3), b"abc"),
+                DeadLetter::new(
+                    "bad version",
+                    "/devices/1/bulkData/x",
+                    None,
+                    Bytes::from_static(b"\x01\x02"),
+                ),
+                DeadLetter::new(
+                    "too large",
+                    "/devices/1/bulkData/x",
+                    Some(3),
+                    Bytes::from_static(b"abc"),
+                ),
                 DeadLetter::for_record("refused", "/devices/1/event", "1", None, b"{}"),
             ])
             .unwrap();
@@ -209,7 +306,7 @@ mod tests {
         let all = letters.list(0, 100).unwrap();
         assert_eq!(all.iter().map(|l| l.id).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(all[0].reason, "bad version");
-        assert_eq!(all[0].data().unwrap(), b"\x01\x02");
+        assert_eq!(&all[0].data[..], b"\x01\x02");
         assert_eq!(all[1].record_index, Some(3));
         assert_eq!(all[2].partition_key.as_deref(), Some("1"));
         assert_eq!(letters.list(1, 1).unwrap()[0].id, 2, "paged after an ID");
@@ -222,7 +319,7 @@ mod tests {
         );
         assert_eq!(letters.count().unwrap(), 2);
         letters
-            .append(vec![DeadLetter::new("later", "/t", None, b"")])
+            .append(vec![DeadLetter::new("later", "/t", None, Bytes::new())])
             .unwrap();
         assert_eq!(
             letters.get(4).unwrap().unwrap().reason,
@@ -234,5 +331,17 @@ mod tests {
         drop(letters);
         drop(store);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn entries_of_earlier_versions_still_read_and_the_wire_form_is_base64() {
+        let letter = DeadLetter::for_record("why", "/devices/1/event", "1", Some("42"), b"\x00{}");
+        let wire = serde_json::to_value(&letter).unwrap();
+        assert_eq!(wire["data_base64"], "AHt9");
+        let old = serde_json::to_vec(&letter).unwrap();
+        assert_eq!(DeadLetter::decode(9, &old).unwrap().data, letter.data);
+        let new = DeadLetter::decode(9, &letter.encode()).unwrap();
+        assert_eq!(new, DeadLetter { id: 9, ..letter });
+        assert!(DeadLetter::decode(1, b"\x02\x00").is_err());
     }
 }

@@ -21,6 +21,7 @@ use crate::activity::Level;
 use crate::components::{ComponentError, Components};
 use crate::config::Config;
 use crate::module::Module;
+use crate::router::answer::Budget;
 use crate::router::{Route, Router};
 use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
 use crate::sink::kinesis::{self, KinesisSink};
@@ -189,7 +190,8 @@ impl Host {
             }
         });
 
-        let router = Router::new(routes, &config.devices, job_tx, swap_rx);
+        let budget = Budget::from_config(&config.component);
+        let router = Router::new(routes, &config.devices, budget, job_tx, swap_rx);
         let router = std::thread::Builder::new()
             .name("ksm-router".into())
             .spawn(move || router.run(inbox_rx))

@@ -248,9 +248,7 @@ fn dead_letters(
             let letter: DeadLetter =
                 serde_json::from_str(&body).context("unexpected answer from the admin API")?;
             let mut shown = serde_json::to_value(&letter)?;
-            if let Ok(text) = letter.data().map(String::from_utf8)
-                && let Ok(text) = text
-            {
+            if let Ok(text) = std::str::from_utf8(&letter.data) {
                 shown["data_text"] = text.into();
             }
             writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;

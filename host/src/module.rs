@@ -49,24 +49,27 @@ impl Module {
         self.counters.snapshot(self.spool.len())
     }
 
-    /// Writes an ERROR entry for each refused message or record (whose data
-    /// the caller keeps as a dead letter).
+    /// Writes one ERROR entry for the refused parts of one message (or of
+    /// one request), whose data the caller keeps as dead letters: what was
+    /// refused and why, and how many more were.
     pub fn log_refused(&self, letters: &[DeadLetter]) {
-        for letter in letters {
-            let what = match letter.record_index {
-                Some(index) => format!("record {index} of the message on `{}`", letter.topic),
-                None if letter.partition_key.is_some() => {
-                    format!("a record from the message on `{}`", letter.topic)
-                }
-                None => format!("message on `{}`", letter.topic),
-            };
-            self.log.write(
-                Level::Error,
-                format!(
-                    "{what} refused and kept as a dead letter: {}",
-                    letter.reason
-                ),
-            );
-        }
+        let Some(first) = letters.first() else {
+            return;
+        };
+        let what = match first.record_index {
+            Some(index) => format!("record {index} of the message on `{}`", first.topic),
+            None if first.partition_key.is_some() => {
+                format!("a record from the message on `{}`", first.topic)
+            }
+            None => format!("message on `{}`", first.topic),
+        };
+        let message = match letters.len() {
+            1 => format!("{what} refused and kept as a dead letter: {}", first.reason),
+            n => format!(
+                "{n} records refused and kept as dead letters; the first, {what}: {}",
+                first.reason
+            ),
+        };
+        self.log.write(Level::Error, message);
     }
 }

@@ -5,27 +5,32 @@
 //! It runs on its own thread: guest calls are synchronous and short (a few
 //! microseconds, bounded by the call deadline), and must not stall the async
 //! tasks that talk to the broker and to Kinesis.
+//!
+//! # Layout
+//! - [`answer`]: a guest's answer checked against the call's budget.
+
+pub mod answer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::activity::{Counters, Level};
-use crate::bindings::describe;
-use crate::bindings::types::{BulkOutput, DeviceContext, HomeContext, KinesisRecord, Span};
+use crate::bindings::bounded;
+use crate::bindings::types::{DeviceContext, HomeContext};
 use crate::clock;
 use crate::components::Swap;
 use crate::config::DeviceConfig;
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
-use crate::runtime::{CallResult, Guest};
+use crate::runtime::Guest;
 use crate::sink::kinesis::check_record;
 use crate::source::{Message, Replay, ReplayRecord, Topic};
 use crate::spool::{Job, NewRecord, Staged};
+use answer::{Budget, Outcome, Produced};
 
 /// One module as the router sees it.
 pub struct Route {
@@ -39,37 +44,26 @@ pub struct Route {
 pub struct Router {
     routes: Vec<Route>,
     devices: HashMap<u64, DeviceConfig>,
+    budget: Budget,
     committer: SyncSender<Job>,
     swaps: Receiver<Swap>,
 }
 
-/// What one module made of one message.
-enum Outcome {
-    /// Records to put, with refused records to keep.
-    Records(Vec<Produced>, Vec<DeadLetter>),
-    /// The whole message is refused.
-    Refused(String),
-}
-
-struct Produced {
-    data: Bytes,
-    partition_key: String,
-    explicit_hash_key: Option<String>,
-}
-
 impl Router {
     /// A router over the given modules (in configuration order) and device
-    /// registry, committing through `committer` and taking new guests from
-    /// `swaps` between messages.
+    /// registry, holding guests to `budget`, committing through `committer`
+    /// and taking new guests from `swaps` between messages.
     pub fn new(
         routes: Vec<Route>,
         devices: &[DeviceConfig],
+        budget: Budget,
         committer: SyncSender<Job>,
         swaps: Receiver<Swap>,
     ) -> Self {
         Self {
             routes,
             devices: devices.iter().map(|d| (d.id, d.clone())).collect(),
+            budget,
             committer,
             swaps,
         }
@@ -113,14 +107,26 @@ impl Router {
 
     fn route(&mut self, message: Message) {
         let received_at = clock::format_rfc3339(message.received_at);
+        let budget = self.budget;
+        let bad_topic_owner = message
+            .kind
+            .as_ref()
+            .err()
+            .map(|_| owner_of_bad_topic(&self.routes, &message.topic));
         let mut staged = Vec::with_capacity(self.routes.len());
         for (index, route) in self.routes.iter_mut().enumerate() {
-            if message.replay.as_ref().is_some_and(|r| r.module != index) {
+            let for_another = match (&message.replay, bad_topic_owner) {
+                (Some(replay), _) => replay.module != index,
+                (None, Some(owner)) => owner != index,
+                (None, None) => false,
+            };
+            if for_another {
                 staged.push(None);
                 continue;
             }
             let module = &route.module;
             Counters::add(&module.counters.received, 1);
+            let payload = &message.payload;
             let outcome = match (&message.kind, &message.replay) {
                 (
                     _,
@@ -139,7 +145,8 @@ impl Router {
                         device_ip: None,
                         received_at: received_at.clone(),
                     };
-                    events(route.guest.device_event(&context, &message.payload))
+                    let answer = route.guest.device_event(&context, payload);
+                    answer::events(answer, payload.len(), budget)
                 }
                 (Ok(Topic::HomeEvent { home_id }), _) => {
                     let context = HomeContext {
@@ -148,12 +155,13 @@ impl Router {
                         project_key_name: None,
                         received_at: received_at.clone(),
                     };
-                    events(route.guest.home_event(&context, &message.payload))
+                    let answer = route.guest.home_event(&context, payload);
+                    answer::events(answer, payload.len(), budget)
                 }
-                (Ok(Topic::BulkData { device_id, label }), _) => bulk(
-                    route.guest.bulk_data(*device_id, label, &message.payload),
-                    &message,
-                ),
+                (Ok(Topic::BulkData { device_id, label }), _) => {
+                    let answer = route.guest.bulk_data(*device_id, label, payload);
+                    answer::bulk(answer, payload, &message.topic, budget)
+                }
             };
             staged.push(stage(module, &message, outcome));
         }
@@ -167,6 +175,23 @@ impl Router {
     }
 }
 
+/// The module that keeps a message whose topic is not a MODE topic (one
+/// dead letter, not one per module): the first whose bulk data label the
+/// topic names, else the first that takes events, else the first.
+fn owner_of_bad_topic(routes: &[Route], topic: &str) -> usize {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let position = |wanted: &dyn Fn(&Route) -> bool| routes.iter().position(wanted);
+    let by_label = match levels[..] {
+        ["", "devices", _, "bulkData", label] => {
+            position(&|route: &Route| route.module.config.bulk_data_label.as_deref() == Some(label))
+        }
+        _ => None,
+    };
+    by_label
+        .or_else(|| position(&|route: &Route| !route.module.config.subscribe_events.is_empty()))
+        .unwrap_or(0)
+}
+
 /// A replayed record, produced as it was.
 fn replayed(record: &ReplayRecord, message: &Message) -> Produced {
     Produced {
@@ -176,80 +201,12 @@ fn replayed(record: &ReplayRecord, message: &Message) -> Produced {
     }
 }
 
-fn events(result: CallResult<Vec<KinesisRecord>>) -> Outcome {
-    match result {
-        Ok(Ok(records)) => Outcome::Records(
-            records
-                .into_iter()
-                .map(|r| Produced {
-                    data: Bytes::from(r.data),
-                    partition_key: r.partition_key,
-                    explicit_hash_key: r.explicit_hash_key,
-                })
-                .collect(),
-            Vec::new(),
-        ),
-        Ok(Err(error)) => Outcome::Refused(describe(&error)),
-        Err(error) => Outcome::Refused(format!(
-            "the module's component failed on this message: {error}"
-        )),
-    }
-}
-
-fn bulk(result: CallResult<BulkOutput>, message: &Message) -> Outcome {
-    let output = match result {
-        Ok(Ok(output)) => output,
-        Ok(Err(error)) => return Outcome::Refused(describe(&error)),
-        Err(error) => {
-            return Outcome::Refused(format!(
-                "the module's component failed on this message: {error}"
-            ));
-        }
-    };
-    let payload = &message.payload;
-    let slice = |span: &Span| {
-        let start = span.offset as usize;
-        let end = start.checked_add(span.len as usize)?;
-        (end <= payload.len()).then(|| payload.slice(start..end))
-    };
-    let mut records = Vec::with_capacity(output.records.len());
-    for record in output.records {
-        let Some(data) = slice(&record.data) else {
-            return Outcome::Refused(format!(
-                "the module's component returned a record span {}+{} outside the {}-byte payload",
-                record.data.offset,
-                record.data.len,
-                payload.len()
-            ));
-        };
-        records.push(Produced {
-            data,
-            partition_key: record.partition_key,
-            explicit_hash_key: record.explicit_hash_key,
-        });
-    }
-    let letters = output
-        .rejected
-        .iter()
-        .map(|rejected| {
-            let data = slice(&rejected.data).unwrap_or_default();
-            DeadLetter::new(
-                describe(&rejected.reason),
-                &message.topic,
-                Some(rejected.index),
-                &data,
-            )
-        })
-        .collect();
-    Outcome::Records(records, letters)
-}
-
 /// What a module keeps of a message: records checked against the Kinesis
 /// limits (those that break them become dead letters), and dead letters.
 fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged> {
     let (produced, mut letters) = match outcome {
         Outcome::Refused(reason) => {
-            let letter = DeadLetter::new(reason, &message.topic, None, &message.payload);
+            let letter = DeadLetter::new(reason, &message.topic, None, message.payload.clone());
             module.log_refused(std::slice::from_ref(&letter));
             return Some(Staged {
                 records: Vec::new(),
@@ -276,16 +233,19 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
                 explicit_hash_key: record.explicit_hash_key,
                 topic: message.topic.clone(),
             }),
-            Err(reason) => letters.push(DeadLetter::for_record(
-                format!(
-                    "the module's component returned a record Kinesis would refuse \
-                     (output record {index}): {reason}"
-                ),
-                &message.topic,
-                &record.partition_key,
-                record.explicit_hash_key.as_deref(),
-                &record.data,
-            )),
+            Err(reason) => letters.push(DeadLetter {
+                partition_key: Some(bounded(&record.partition_key)),
+                explicit_hash_key: record.explicit_hash_key.as_deref().map(bounded),
+                ..DeadLetter::new(
+                    format!(
+                        "the module's component returned a record Kinesis would refuse \
+                         (output record {index}): {reason}"
+                    ),
+                    &message.topic,
+                    None,
+                    record.data,
+                )
+            }),
         }
     }
     module.log_refused(&letters);
