@@ -1,14 +1,20 @@
 //! Kinesis failures: throttling (injected by a proxy in front of moto) is
 //! retried and reported with what to do; a missing stream makes the data
 //! wait, and it is delivered once the stream exists; a record Kinesis
-//! refuses becomes a dead letter that can be replayed; records are paced
-//! per shard; a stopped host keeps its spool.
+//! refuses becomes a dead letter that can be replayed; a record Kinesis
+//! keeps failing while others go through becomes a dead letter and its key
+//! moves on, while an outage dead-letters nothing; records are paced per
+//! shard; a stopped host keeps its spool.
 
 use std::time::{Duration, Instant};
 
-use ksm_tests::{RecordingProxy, create_stream, read_all_records};
+use base64::Engine as _;
+use ksm_tests::proxy::{Poison, PoisonAnswer};
+use ksm_tests::{
+    Faults, ReadRecord, RecordedRequest, RecordingProxy, create_stream, read_all_records,
+};
 
-use crate::support::{Bench, HostOptions, ksm_command, module};
+use crate::support::{Bench, HostOptions, dead_letter_data, ksm_command, module};
 
 const THROTTLED: &str =
     r#"{"__type":"ProvisionedThroughputExceededException","message":"Rate exceeded for shard"}"#;
@@ -226,4 +232,290 @@ async fn a_stopped_host_keeps_its_spool_and_resumes_from_it() {
         log.contains("stopping with 50 records in the spool"),
         "the log from before the restart is kept:\n{log}"
     );
+}
+
+/// The bytes that poison a record at the proxy.
+const MARKER: &str = "POISON-7f3a";
+
+/// A device event whose data carry `id`, and the marker if `poisoned`.
+fn event(id: &str, poisoned: bool) -> String {
+    let note = if poisoned { MARKER } else { "-" };
+    format!(r#"{{"eventType":"t","eventData":{{"id":"{id}","note":"{note}"}},"homeId":77}}"#)
+}
+
+/// The `id`s of the records of partition key `key`, in stream order.
+fn ids(records: &[ReadRecord], key: &str) -> Vec<String> {
+    records
+        .iter()
+        .filter(|r| r.partition_key == key)
+        .map(|r| {
+            r.data_json()["eventData"]["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// The base64-decoded data of each entry of a recorded `PutRecords`.
+fn entries(request: &RecordedRequest) -> Vec<Vec<u8>> {
+    let body = request.body_json().unwrap_or_default();
+    body["Records"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|entry| {
+            base64::engine::general_purpose::STANDARD
+                .decode(entry["Data"].as_str().unwrap_or_default())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The number of entries of each `PutRecords` the proxy saw that carried `text`, in order.
+fn requests_carrying(proxy: &RecordingProxy, text: &str) -> Vec<usize> {
+    proxy
+        .requests_for("PutRecords")
+        .iter()
+        .map(entries)
+        .filter(|entries| {
+            entries
+                .iter()
+                .any(|data| String::from_utf8_lossy(data).contains(text))
+        })
+        .map(|entries| entries.len())
+        .collect()
+}
+
+/// Polls `done` every 50 ms until it holds; panics with `what` after `timeout`.
+async fn wait_until(what: &str, timeout: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Device 1001's second event is poison at the proxy, answered as `answer` every time, while
+/// device 1002 keeps publishing: the poison becomes one dead letter after 4 counted failures,
+/// and every other event lands, each device's in order.
+async fn a_poison_record_becomes_a_dead_letter_and_its_key_moves_on(
+    prefix: &str,
+    answer: PoisonAnswer,
+) {
+    let bench = Bench::new(prefix, 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    proxy.set_poison(Some(Poison {
+        marker: MARKER.as_bytes().to_vec(),
+        answer,
+    }));
+    let options = HostOptions {
+        kinesis: "record_max_attempts = 4\nrecord_max_failing_secs = 600".into(),
+        ..HostOptions::default()
+    };
+    let host = bench.ksm_with(
+        &proxy.endpoint(),
+        &format!("ksm-{prefix}"),
+        &[module(
+            "poisoned",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
+        &options,
+    );
+    let first: Vec<(String, String)> = (0..5)
+        .map(|n| {
+            (
+                "/devices/1001/event".to_owned(),
+                event(&format!("a{n}"), n == 1),
+            )
+        })
+        .collect();
+    bench.publish(&first).await;
+    // Device 1002 goes on meanwhile: other records go through while the poison fails.
+    let mut others = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while host.counters("poisoned")["dead_lettered"] == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter:\n{}",
+            host.module_log("poisoned")
+        );
+        let message = event(&format!("b{others}"), false);
+        bench.publish(&[("/devices/1002/event", message)]).await;
+        others += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let expected = 4 + others;
+    let records = bench.records(expected).await;
+    assert_eq!(records.len(), expected, "{}", host.module_log("poisoned"));
+    assert_eq!(
+        ids(&records, "1001"),
+        ["a0", "a2", "a3", "a4"],
+        "the key moved on past the poison, in order"
+    );
+    let device_1002: Vec<String> = (0..others).map(|n| format!("b{n}")).collect();
+    assert_eq!(ids(&records, "1002"), device_1002);
+
+    let counters = host.wait_for_counters("poisoned", |c| {
+        c["spool_records"] == 0 && c["forwarded"] == expected as u64
+    });
+    assert_eq!(counters["forwarded"], expected as u64, "{counters}");
+    assert_eq!(counters["dead_lettered"], 1, "{counters}");
+    assert_eq!(counters["spool_records"], 0, "{counters}");
+    assert!(counters["retried"].as_u64() >= Some(3), "{counters}");
+
+    let letters = host.get("/api/modules/poisoned/dead-letters");
+    let letters = letters.as_array().expect("a list");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["partition_key"], "1001", "{letter}");
+    assert!(
+        String::from_utf8_lossy(&dead_letter_data(letter)).contains(r#""id":"a1""#),
+        "{letter}"
+    );
+    let reason = letter["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("Kinesis failed this record 4 times in a row (InternalFailure: injected)")
+            && reason.contains("while other records went through"),
+        "{reason}"
+    );
+    let errors = host.get("/api/modules/poisoned/logs?level=error");
+    let errors = errors.as_array().expect("a list");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let message = errors[0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("dead letter") && message.contains("4 times in a row"),
+        "{message}"
+    );
+
+    // On the wire: the poison was sent at least 4 times; as a server error it ends up alone.
+    let sizes = requests_carrying(&proxy, MARKER);
+    assert!(sizes.len() >= 4, "{sizes:?}");
+    let stats = proxy.put_records_stats();
+    match answer {
+        PoisonAnswer::ServerError => {
+            assert_eq!(stats.poison_server_errors, sizes.len() as u64, "{stats:?}");
+            assert!(sizes.iter().rev().take(4).all(|n| *n == 1), "{sizes:?}");
+        }
+        PoisonAnswer::EntryError => {
+            assert_eq!(stats.poison_entries_failed, sizes.len() as u64, "{stats:?}");
+        }
+    }
+    assert!(
+        proxy
+            .accepted_records()
+            .iter()
+            .all(|r| !r.data_text().contains(MARKER)),
+        "the emulator never got the poison"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_whose_requests_kinesis_keeps_failing_becomes_a_dead_letter() {
+    a_poison_record_becomes_a_dead_letter_and_its_key_moves_on(
+        "poison-500",
+        PoisonAnswer::ServerError,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_kinesis_keeps_failing_in_its_answers_becomes_a_dead_letter() {
+    a_poison_record_becomes_a_dead_letter_and_its_key_moves_on(
+        "poison-entry",
+        PoisonAnswer::EntryError,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_dead_letters_nothing_and_every_record_lands_after_it() {
+    let bench = Bench::new("outage-kept", 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    // The most eager limits there are: two failures, or one second.
+    let options = HostOptions {
+        kinesis: "record_max_attempts = 2\nrecord_max_failing_secs = 1".into(),
+        ..HostOptions::default()
+    };
+    let host = bench.ksm_with(
+        &proxy.endpoint(),
+        "ksm-outage-kept",
+        &[module(
+            "patient",
+            &bench.stream,
+            "subscribe_events = [\"*\"]",
+        )],
+        &options,
+    );
+    let messages = |range: std::ops::Range<u32>| -> Vec<(String, String)> {
+        range
+            .flat_map(|n| {
+                [
+                    (
+                        "/devices/1001/event".to_owned(),
+                        event(&format!("a{n}"), false),
+                    ),
+                    (
+                        "/devices/1002/event".to_owned(),
+                        event(&format!("b{n}"), false),
+                    ),
+                ]
+            })
+            .collect()
+    };
+
+    // Every request answered 500 InternalFailure...
+    proxy.set_faults(Faults {
+        server_error_ratio: 1.0,
+        ..Faults::default()
+    });
+    bench.publish(&messages(0..5)).await;
+    wait_until("20 server errors", Duration::from_secs(30), || {
+        proxy.put_records_stats().server_errors_injected >= 20
+    })
+    .await;
+    bench.publish(&messages(5..10)).await;
+    // ...then every entry failed with InternalFailure in 200 answers...
+    proxy.set_poison(Some(Poison {
+        marker: Vec::new(),
+        answer: PoisonAnswer::EntryError,
+    }));
+    proxy.set_faults(Faults::default());
+    wait_until("20 failed entries", Duration::from_secs(20), || {
+        proxy.put_records_stats().poison_entries_failed >= 20
+    })
+    .await;
+    // ...then no answer at all.
+    proxy.set_down(true);
+    wait_until("refused connections", Duration::from_secs(20), || {
+        proxy.put_records_stats().refused_while_down >= 3
+    })
+    .await;
+    let during = host.counters("patient");
+    assert_eq!(during["forwarded"], 0, "{during}");
+    assert_eq!(during["dead_lettered"], 0, "{during}");
+
+    proxy.set_poison(None);
+    proxy.set_down(false);
+    let records = bench.records(20).await;
+    assert_eq!(records.len(), 20, "{}", host.module_log("patient"));
+    let expected =
+        |prefix: &str| -> Vec<String> { (0..10).map(|n| format!("{prefix}{n}")).collect() };
+    assert_eq!(ids(&records, "1001"), expected("a"));
+    assert_eq!(ids(&records, "1002"), expected("b"));
+    let counters = host.wait_for_counters("patient", |c| c["spool_records"] == 0);
+    assert_eq!(counters["forwarded"], 20, "{counters}");
+    assert_eq!(counters["dead_lettered"], 0, "{counters}");
+    assert_eq!(
+        host.get("/api/modules/patient/dead-letters"),
+        serde_json::json!([])
+    );
+    // Each first record failed far more often than the limits allow a record Kinesis fails.
+    for first in [r#""id":"a0""#, r#""id":"b0""#] {
+        let attempts = requests_carrying(&proxy, first).len();
+        assert!(attempts >= 8, "{first} was sent {attempts} times");
+    }
 }

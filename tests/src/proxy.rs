@@ -20,7 +20,11 @@
 //! - disturb `PutRecords` at random but reproducibly ([`RecordingProxy::set_faults`]): answer
 //!   a whole request with a 500, fail single entries with
 //!   `ProvisionedThroughputExceededException` (the emulator only sees the surviving entries,
-//!   and the response is merged back into the client's order), or delay the response.
+//!   and the response is merged back into the client's order), or delay the response;
+//! - poison some records ([`RecordingProxy::set_poison`]): every `PutRecords` carrying an entry
+//!   whose data contain a marker is answered 500 `InternalFailure`, or just those entries fail
+//!   with `ErrorCode: "InternalFailure"` while the others are forwarded, as a record Kinesis
+//!   keeps failing would.
 //!
 //! Every `PutRecords` is counted ([`RecordingProxy::put_records_stats`]) and every entry the
 //! emulator accepted is kept in order ([`RecordingProxy::accepted_records`]), so a test can
@@ -60,6 +64,12 @@ const INJECTED_ERROR_CODE: &str = "ProvisionedThroughputExceededException";
 /// The error message of an entry failed by the proxy.
 const INJECTED_ERROR_MESSAGE: &str =
     "Rate exceeded for shard shardId-000000000000 in stream s under account 123456789012.";
+
+/// The error code of a poisoned entry (see [`RecordingProxy::set_poison`]).
+const POISON_ERROR_CODE: &str = "InternalFailure";
+
+/// The error message of a poisoned entry.
+const POISON_ERROR_MESSAGE: &str = "injected";
 
 /// The content type of Kinesis' JSON protocol.
 const AMZ_JSON: &str = "application/x-amz-json-1.1";
@@ -222,6 +232,28 @@ pub struct Faults {
     pub seed: u64,
 }
 
+/// How the proxy answers a `PutRecords` carrying poisoned entries (see
+/// [`RecordingProxy::set_poison`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoisonAnswer {
+    /// The whole request is answered 500 `{"__type":"InternalFailure","message":"injected"}`
+    /// and not forwarded.
+    ServerError,
+    /// Only the poisoned entries fail, each with `ErrorCode: "InternalFailure"` in a 200
+    /// answer; the other entries are forwarded.
+    EntryError,
+}
+
+/// A poison fault: the `PutRecords` entries whose base64-decoded data contain `marker` (see
+/// [`RecordingProxy::set_poison`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Poison {
+    /// The bytes that mark a poisoned entry's data (an empty marker poisons every entry).
+    pub marker: Vec<u8>,
+    /// How requests carrying poisoned entries are answered.
+    pub answer: PoisonAnswer,
+}
+
 /// Counters of the `PutRecords` traffic through the proxy (see
 /// [`RecordingProxy::put_records_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -240,6 +272,11 @@ pub struct PutRecordsStats {
     pub slowed: u64,
     /// Requests (of any operation) and connections dropped without a response while down.
     pub refused_while_down: u64,
+    /// Requests answered 500 because they carried a poisoned entry
+    /// ([`PoisonAnswer::ServerError`]).
+    pub poison_server_errors: u64,
+    /// Poisoned entries failed with `InternalFailure` ([`PoisonAnswer::EntryError`]).
+    pub poison_entries_failed: u64,
 }
 
 /// A `PutRecords` entry the emulator accepted (see [`RecordingProxy::accepted_records`]).
@@ -265,6 +302,7 @@ struct Shared {
     injections: VecDeque<Injection>,
     down: bool,
     faults: Faults,
+    poison: Option<Poison>,
     rng: SplitMix64,
     stats: PutRecordsStats,
     accepted: Vec<AcceptedRecord>,
@@ -408,6 +446,19 @@ impl RecordingProxy {
         let mut state = lock(&self.shared);
         state.rng = SplitMix64::new(faults.seed);
         state.faults = faults;
+    }
+
+    /// Poisons the `PutRecords` entries whose base64-decoded data contain `poison.marker`, from
+    /// now on; `None` cures them. A request carrying a poisoned entry is answered as
+    /// `poison.answer` says: 500 `{"__type":"InternalFailure","message":"injected"}` without
+    /// being forwarded, or a 200 in which just the poisoned entries carry
+    /// `"ErrorCode": "InternalFailure"` (the other entries are forwarded and their results
+    /// merged in). The random faults of [`RecordingProxy::set_faults`] are drawn first, as if
+    /// there were no poison, and a random server error wins; an entry both throttled and
+    /// poisoned is reported poisoned. Requests answered by [`RecordingProxy::inject_error`]
+    /// are not subject to it.
+    pub fn set_poison(&self, poison: Option<Poison>) {
+        lock(&self.shared).poison = poison;
     }
 
     /// The `PutRecords` counters so far.
@@ -686,7 +737,7 @@ async fn put_records(
         lock(shared).stats.requests += 1;
         return send_upstream(parts, path, body, upstream, client).await;
     };
-    let (plan, slow_by) = {
+    let (plan, slow_by, poison) = {
         let mut state = lock(shared);
         state.stats.requests += 1;
         state.stats.records_received += count(entries.len());
@@ -694,6 +745,7 @@ async fn put_records(
         (
             plan_faults(&mut state.rng, &faults, entries.len()),
             faults.slow_by,
+            state.poison.clone(),
         )
     };
     if plan.server_error {
@@ -703,19 +755,30 @@ async fn put_records(
             INJECTED_SERVER_ERROR.into(),
         );
     }
+    let poisoned = poison
+        .as_ref()
+        .map_or_else(Vec::new, |p| poisoned(&entries, &p.marker));
+    if !poisoned.is_empty() && poison.is_some_and(|p| p.answer == PoisonAnswer::ServerError) {
+        lock(shared).stats.poison_server_errors += 1;
+        return json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            INJECTED_SERVER_ERROR.into(),
+        );
+    }
+    let failed = entry_faults(&plan.failed, &poisoned);
 
     let survivors: Vec<Value> = entries
         .iter()
         .enumerate()
-        .filter(|(i, _)| plan.failed.binary_search(i).is_err())
+        .filter(|(i, _)| failed.binary_search_by_key(i, |(f, _)| *f).is_err())
         .map(|(_, entry)| entry.clone())
         .collect();
     let response = if !entries.is_empty() && survivors.is_empty() {
-        let merged = merge_put_records_response(entries.len(), &plan.failed, None);
-        lock(shared).stats.records_failed_injected += count(plan.failed.len());
+        let merged = merge_put_records_response(entries.len(), &failed, None);
+        count_entry_faults(&mut lock(shared).stats, &failed);
         json_response(StatusCode::OK, merged.to_string())
     } else {
-        let forwarded_body = if plan.failed.is_empty() {
+        let forwarded_body = if failed.is_empty() {
             body
         } else {
             let mut rewritten = request.unwrap_or_default();
@@ -724,7 +787,7 @@ async fn put_records(
         };
         lock(shared).stats.records_forwarded += count(survivors.len());
         let response = send_upstream(parts, path, forwarded_body, upstream, client).await;
-        accept_and_merge(response, &entries, &survivors, &plan.failed, shared).await
+        accept_and_merge(response, &entries, &survivors, &failed, shared).await
     };
     if plan.slow {
         lock(shared).stats.slowed += 1;
@@ -739,7 +802,7 @@ async fn accept_and_merge(
     response: Response<Full<Bytes>>,
     entries: &[Value],
     survivors: &[Value],
-    failed: &[usize],
+    failed: &[(usize, EntryFault)],
     shared: &Mutex<Shared>,
 ) -> Response<Full<Bytes>> {
     if response.status() != StatusCode::OK {
@@ -765,7 +828,7 @@ async fn accept_and_merge(
     if failed.is_empty() {
         return Response::from_parts(parts, Full::new(bytes));
     }
-    state.stats.records_failed_injected += count(failed.len());
+    count_entry_faults(&mut state.stats, failed);
     drop(state);
     let merged = merge_put_records_response(entries.len(), failed, Some(&upstream));
     // The body changed: a checksum of the emulator's body would no longer match.
@@ -778,6 +841,56 @@ async fn body_bytes(body: Full<Bytes>) -> Bytes {
     body.collect()
         .await
         .map_or_else(|e: Infallible| match e {}, |collected| collected.to_bytes())
+}
+
+/// Why the proxy failed an entry itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryFault {
+    /// A random fault: `ProvisionedThroughputExceededException`.
+    Throttled,
+    /// A poisoned entry: `InternalFailure`.
+    Poison,
+}
+
+/// The indexes of the entries whose base64-decoded data contain `marker`, ascending.
+fn poisoned(entries: &[Value], marker: &[u8]) -> Vec<usize> {
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| contains(&accepted_record(entry).data, marker))
+        .map(|(index, _)| index)
+        .collect()
+}
+
+/// True if `needle` occurs in `haystack` (always for an empty needle).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty()
+        || haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
+}
+
+/// The entries the proxy fails itself, ascending by index: the randomly throttled ones and the
+/// poisoned ones (an entry that is both counts as poisoned).
+fn entry_faults(throttled: &[usize], poisoned: &[usize]) -> Vec<(usize, EntryFault)> {
+    let mut failed: Vec<(usize, EntryFault)> = throttled
+        .iter()
+        .filter(|index| poisoned.binary_search(index).is_err())
+        .map(|&index| (index, EntryFault::Throttled))
+        .chain(poisoned.iter().map(|&index| (index, EntryFault::Poison)))
+        .collect();
+    failed.sort_unstable_by_key(|(index, _)| *index);
+    failed
+}
+
+/// Adds the entries the proxy failed itself to the counters.
+fn count_entry_faults(stats: &mut PutRecordsStats, failed: &[(usize, EntryFault)]) {
+    for (_, fault) in failed {
+        match fault {
+            EntryFault::Throttled => stats.records_failed_injected += 1,
+            EntryFault::Poison => stats.poison_entries_failed += 1,
+        }
+    }
 }
 
 /// The `Records` array of a `PutRecords` request body.
@@ -842,13 +955,17 @@ fn plan_faults(rng: &mut SplitMix64, faults: &Faults, entries: usize) -> FaultPl
 }
 
 /// The `PutRecords` response for a request of `total` entries of which the proxy failed those
-/// at the (ascending) indexes `failed`: the emulator's results for the others (`upstream`,
+/// at the (ascending) indexes of `failed`: the emulator's results for the others (`upstream`,
 /// `None` if nothing was forwarded) in their original places, an injected
-/// `ProvisionedThroughputExceededException` in the failed places, and `FailedRecordCount` the
-/// emulator's count plus the injected ones. Other fields of `upstream` are kept. Should the
-/// emulator list fewer results than it was sent entries, the missing ones count as
-/// `InternalFailure`.
-fn merge_put_records_response(total: usize, failed: &[usize], upstream: Option<&Value>) -> Value {
+/// `ProvisionedThroughputExceededException` (or, for a poisoned entry, `InternalFailure`) in
+/// the failed places, and `FailedRecordCount` the emulator's count plus the injected ones.
+/// Other fields of `upstream` are kept. Should the emulator list fewer results than it was
+/// sent entries, the missing ones count as `InternalFailure`.
+fn merge_put_records_response(
+    total: usize,
+    failed: &[(usize, EntryFault)],
+    upstream: Option<&Value>,
+) -> Value {
     let mut results = upstream
         .and_then(|u| u.get("Records"))
         .and_then(Value::as_array)
@@ -858,11 +975,16 @@ fn merge_put_records_response(total: usize, failed: &[usize], upstream: Option<&
     let mut merged = Vec::with_capacity(total);
     let mut failed_count = 0u64;
     for index in 0..total {
-        let result = if failed.binary_search(&index).is_ok() {
-            serde_json::json!({
-                "ErrorCode": INJECTED_ERROR_CODE,
-                "ErrorMessage": INJECTED_ERROR_MESSAGE,
-            })
+        let fault = failed
+            .binary_search_by_key(&index, |(f, _)| *f)
+            .ok()
+            .map(|at| failed[at].1);
+        let result = if let Some(fault) = fault {
+            let (code, message) = match fault {
+                EntryFault::Throttled => (INJECTED_ERROR_CODE, INJECTED_ERROR_MESSAGE),
+                EntryFault::Poison => (POISON_ERROR_CODE, POISON_ERROR_MESSAGE),
+            };
+            serde_json::json!({ "ErrorCode": code, "ErrorMessage": message })
         } else {
             results.next().cloned().unwrap_or_else(|| {
                 serde_json::json!({
@@ -978,7 +1100,8 @@ mod tests {
             ],
             "EncryptionType": "NONE",
         });
-        let merged = merge_put_records_response(5, &[1, 4], Some(&upstream));
+        let failed = entry_faults(&[1, 4], &[]);
+        let merged = merge_put_records_response(5, &failed, Some(&upstream));
         assert_eq!(merged["FailedRecordCount"], 3);
         assert_eq!(merged["EncryptionType"], "NONE");
         let records = merged["Records"].as_array().expect("Records");
@@ -993,7 +1116,7 @@ mod tests {
 
     #[test]
     fn synthesizes_a_response_when_every_entry_failed() {
-        let merged = merge_put_records_response(2, &[0, 1], None);
+        let merged = merge_put_records_response(2, &entry_faults(&[0, 1], &[]), None);
         assert_eq!(
             merged.to_string(),
             format!(
@@ -1011,6 +1134,50 @@ mod tests {
         assert_eq!(nothing_failed["Records"][0]["SequenceNumber"], "9");
         let short = merge_put_records_response(2, &[], Some(&serde_json::json!({"Records": []})));
         assert_eq!(short["FailedRecordCount"], 2);
+    }
+
+    #[test]
+    fn poisoned_entries_are_found_by_their_decoded_data_and_reported_as_internal_failures() {
+        let entry = |data: &[u8]| {
+            serde_json::json!({
+                "Data": base64::engine::general_purpose::STANDARD.encode(data),
+                "PartitionKey": "k",
+            })
+        };
+        let entries = [
+            entry(b"fine"),
+            entry(b"{\"x\":\"POISON!\"}"),
+            entry(b"POISO"),
+            entry(b"POISON"),
+        ];
+        assert_eq!(poisoned(&entries, b"POISON"), [1, 3]);
+        assert_eq!(poisoned(&entries, b""), [0, 1, 2, 3]);
+        assert!(poisoned(&entries, b"absent").is_empty());
+
+        let failed = entry_faults(&[0, 1], &[1, 3]);
+        assert_eq!(
+            failed,
+            [
+                (0, EntryFault::Throttled),
+                (1, EntryFault::Poison),
+                (3, EntryFault::Poison)
+            ]
+        );
+        let upstream =
+            serde_json::json!({"FailedRecordCount": 0, "Records": [{"SequenceNumber": "7"}]});
+        let merged = merge_put_records_response(4, &failed, Some(&upstream));
+        assert_eq!(merged["FailedRecordCount"], 3);
+        let records = merged["Records"].as_array().expect("Records");
+        assert_eq!(records[0]["ErrorCode"], INJECTED_ERROR_CODE);
+        assert_eq!(records[1]["ErrorCode"], "InternalFailure");
+        assert_eq!(records[1]["ErrorMessage"], "injected");
+        assert_eq!(records[2]["SequenceNumber"], "7");
+        assert_eq!(records[3]["ErrorCode"], "InternalFailure");
+
+        let mut stats = PutRecordsStats::default();
+        count_entry_faults(&mut stats, &failed);
+        assert_eq!(stats.records_failed_injected, 1);
+        assert_eq!(stats.poison_entries_failed, 2);
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! even when Kinesis fails some records of a request. Per-shard pacing
 //! ([`super::shards`]) keeps each shard under its write limits, so throttling
 //! is the exception.
+//!
+//! Retries end only for a record Kinesis keeps failing while others go
+//! through ([`super::retry`]): it becomes a dead letter so that its key's
+//! next records can go. Throttling, an unreachable endpoint, stream-level
+//! errors and outages are retried for as long as the spool holds the data.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,13 +23,15 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::{Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_kinesis::operation::put_records::PutRecordsError;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::backlog::{Backlog, Batch};
+use super::backlog::{Answer, Backlog, Batch, Verdict};
+use super::retry::{Failure, FailureKind, RetryLimits};
 use super::shards::{self, ShardMap, ShardPacer};
 use crate::activity::{Counters, Level};
 use crate::config::{KinesisConfig, ModuleConfig};
@@ -61,11 +68,15 @@ pub fn check_record(
             "record is {size} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}"
         ));
     }
+    // Kinesis' pattern is `0|([1-9]\d{0,38})`, within 0..2^128.
     if let Some(key) = explicit_hash_key
-        && (!key.bytes().all(|b| b.is_ascii_digit()) || key.parse::<u128>().is_err())
+        && (!key.bytes().all(|b| b.is_ascii_digit())
+            || (key.len() > 1 && key.starts_with('0'))
+            || key.parse::<u128>().is_err())
     {
+        let shown: String = key.chars().take(48).collect();
         return Err(format!(
-            "explicit hash key `{key}` is not a decimal 128-bit integer"
+            "explicit hash key `{shown}` is not a decimal 128-bit integer without leading zeros"
         ));
     }
     Ok(())
@@ -116,33 +127,90 @@ enum PutError {
     /// Kinesis refused the request's content; its records become dead letters.
     #[error("{code}: {message}")]
     Refused { code: String, message: String },
-    /// Network trouble, timeouts or server errors; retry.
+    /// A server error (5xx); retry, in smaller requests if it had several
+    /// records.
     #[error("{0}")]
-    Transient(String),
+    Server(String),
+    /// No answer (network trouble, timeouts) or one that cannot be read; retry.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
-fn classify<R>(
-    error: SdkError<aws_sdk_kinesis::operation::put_records::PutRecordsError, R>,
-) -> PutError
-where
-    R: std::fmt::Debug,
-{
-    let Some(code) = error.code().map(str::to_owned) else {
-        return PutError::Transient(DisplayErrorContext(&error).to_string());
-    };
-    let message = error.message().unwrap_or_default().to_owned();
-    match code.as_str() {
+impl PutError {
+    /// The failure as the backlog weighs it.
+    fn failure(&self) -> Failure {
+        let kind = match self {
+            PutError::Throttled { .. } => FailureKind::Throttled,
+            PutError::Stream { .. } => FailureKind::Stream,
+            PutError::Refused { .. } => FailureKind::Refused,
+            PutError::Server(_) => FailureKind::Server,
+            PutError::Unreachable(_) => FailureKind::Unreachable,
+        };
+        Failure::new(kind, self.to_string())
+    }
+}
+
+/// The kind of a Kinesis error code ksm knows, request- or record-level.
+fn code_kind(code: &str) -> Option<FailureKind> {
+    match code {
         "ProvisionedThroughputExceededException"
         | "KMSThrottlingException"
         | "LimitExceededException"
-        | "ThrottlingException" => PutError::Throttled { code, message },
-        "InvalidArgumentException" | "ValidationException" => PutError::Refused { code, message },
+        | "ThrottlingException" => Some(FailureKind::Throttled),
+        "InvalidArgumentException" | "ValidationException" => Some(FailureKind::Refused),
         "InternalFailure"
         | "InternalFailureException"
         | "ServiceUnavailable"
-        | "ServiceUnavailableException" => PutError::Transient(format!("{code}: {message}")),
-        _ => PutError::Stream { code, message },
+        | "ServiceUnavailableException" => Some(FailureKind::Server),
+        "ResourceNotFoundException"
+        | "ResourceInUseException"
+        | "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException" => Some(FailureKind::Stream),
+        code if code.starts_with("KMS") => Some(FailureKind::Stream),
+        _ => None,
     }
+}
+
+/// How a failed PutRecords request is handled: by its error code, else by
+/// its HTTP status (any 5xx is a server error; another code is taken for a
+/// stream-level problem); without an answer, the endpoint is unreachable.
+fn classify(error: SdkError<PutRecordsError>) -> PutError {
+    let server_status = error
+        .raw_response()
+        .is_some_and(|response| response.status().is_server_error());
+    let Some(code) = error.code().map(str::to_owned) else {
+        let text = DisplayErrorContext(&error).to_string();
+        return if server_status {
+            PutError::Server(text)
+        } else {
+            PutError::Unreachable(text)
+        };
+    };
+    let message = error.message().unwrap_or_default().to_owned();
+    let kind = code_kind(&code).unwrap_or(if server_status {
+        FailureKind::Server
+    } else {
+        FailureKind::Stream
+    });
+    match kind {
+        FailureKind::Throttled => PutError::Throttled { code, message },
+        FailureKind::Refused => PutError::Refused { code, message },
+        FailureKind::Server => PutError::Server(format!("{code}: {message}")),
+        FailureKind::Stream | FailureKind::Unreachable => PutError::Stream { code, message },
+    }
+}
+
+/// How a record failed inside a 200 answer: throttling and stream-level
+/// codes (KMS) as such; any other code is a failure of the record.
+fn entry_failure(code: &str, message: &str) -> Failure {
+    let kind = match code_kind(code) {
+        Some(FailureKind::Throttled) => FailureKind::Throttled,
+        Some(FailureKind::Stream) => FailureKind::Stream,
+        _ => FailureKind::Server,
+    };
+    Failure::new(kind, format!("{code}: {message}"))
 }
 
 /// What to tell the user about a stream-level error.
@@ -202,7 +270,7 @@ impl KinesisSink {
         recovered: Vec<SpoolRecord>,
         input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     ) -> Self {
-        let mut backlog = Backlog::new(1, MEMORY_BUDGET);
+        let mut backlog = Backlog::new(1, MEMORY_BUDGET, RetryLimits::from_config(&config));
         recovered.into_iter().for_each(|r| backlog.push(r));
         Self {
             client,
@@ -432,7 +500,7 @@ impl KinesisSink {
         };
         let results = output.records();
         if results.len() != records.len() {
-            let error = PutError::Transient(format!(
+            let error = PutError::Unreachable(format!(
                 "PutRecords answered {} results for {} records",
                 results.len(),
                 records.len()
@@ -441,8 +509,7 @@ impl KinesisSink {
         }
         self.failures = 0;
         let now = std::time::Instant::now();
-        let mut done = Vec::with_capacity(records.len());
-        let mut accepted = Vec::new();
+        let mut failures = Vec::with_capacity(records.len());
         let mut throttled = 0u64;
         let mut last_error = String::new();
         for (record, result) in records.iter().zip(results) {
@@ -459,23 +526,30 @@ impl KinesisSink {
                     {
                         self.shards_stale = true;
                     }
-                    accepted.push((record.seq, record.size));
-                    done.push(true);
+                    failures.push(None);
                 }
                 Some(code) => {
-                    if code == "ProvisionedThroughputExceededException"
-                        || code.starts_with("KMSThrottling")
-                    {
+                    let failure = entry_failure(code, result.error_message().unwrap_or_default());
+                    if failure.kind == FailureKind::Throttled {
                         throttled += 1;
                         if let Some((shards, index)) = shard {
                             shards.pacer.throttled(index, now);
                         }
                     }
-                    last_error = format!("{code}: {}", result.error_message().unwrap_or_default());
-                    done.push(false);
+                    last_error.clone_from(&failure.detail);
+                    failures.push(Some(failure));
                 }
             }
         }
+        let verdicts = self
+            .backlog
+            .settle(&records, Answer::Entries(&failures), now);
+        let accepted: Vec<(u64, usize)> = records
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, verdict)| **verdict == Verdict::Accepted)
+            .map(|(record, _)| (record.seq, record.size))
+            .collect();
         if let Err(error) = self.module.spool.remove(&accepted) {
             self.module.log.write_limited(
                 "store",
@@ -484,10 +558,10 @@ impl KinesisSink {
             );
         }
         Counters::add(&self.module.counters.forwarded, accepted.len() as u64);
-        let failed = records.len() - accepted.len();
+        let failed = retried(&verdicts);
+        Counters::add(&self.module.counters.throttled, throttled);
         if failed > 0 {
             Counters::add(&self.module.counters.retried, failed as u64);
-            Counters::add(&self.module.counters.throttled, throttled);
             if throttled > 0 {
                 self.module.log.write_limited(
                     "throughput",
@@ -509,6 +583,7 @@ impl KinesisSink {
                 );
             }
         }
+        let done = self.give_up(&records, &verdicts);
         self.complete(&records, &done);
         None
     }
@@ -521,7 +596,27 @@ impl KinesisSink {
             });
     }
 
+    /// Moves the records the verdicts give up to the dead letters; returns
+    /// which records left the spool (accepted, or moved).
+    fn give_up(&mut self, records: &[SpoolRecord], verdicts: &[Verdict]) -> Vec<bool> {
+        records
+            .iter()
+            .zip(verdicts)
+            .map(|(record, verdict)| match verdict {
+                Verdict::Accepted => true,
+                Verdict::Retry => false,
+                Verdict::DeadLetter(reason) => {
+                    self.dead_letter(std::slice::from_ref(record), reason)
+                }
+            })
+            .collect()
+    }
+
     fn request_failed(&mut self, records: Vec<SpoolRecord>, error: PutError) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let verdicts = self
+            .backlog
+            .settle(&records, Answer::Request(&error.failure()), now);
         let stream = &self.module.config.stream_name;
         let log = &self.module.log;
         match &error {
@@ -541,41 +636,58 @@ impl KinesisSink {
                     advice(code)
                 ),
             ),
-            PutError::Transient(_) => log.write_limited(
+            PutError::Server(_) if records.len() > 1 => log.write_limited(
+                "transient",
+                Level::Warn,
+                format!(
+                    "PutRecords to stream `{stream}` failed ({error}); retrying its {} records \
+                     in requests of at most {}, in case one of them causes it",
+                    records.len(),
+                    records.len().div_ceil(2)
+                ),
+            ),
+            PutError::Server(_) | PutError::Unreachable(_) => log.write_limited(
                 "transient",
                 Level::Warn,
                 format!("PutRecords to stream `{stream}` failed ({error}); retrying"),
             ),
-            PutError::Refused { .. } if records.len() > 1 => {
-                // One of the records is refused: send them one by one to find it.
-                log.write_limited(
-                    "refused",
-                    Level::Warn,
-                    format!("Kinesis refused a request to stream `{stream}` ({error}); sending its records one by one to find the refused one"),
-                );
-                self.backlog.isolate(&records);
-                self.backlog
-                    .complete(&records, &vec![false; records.len()], std::time::Instant::now(), |_| Duration::ZERO);
-                return None;
-            }
-            PutError::Refused { .. } => {
-                self.dead_letter(&records, &error);
-                return None;
-            }
+            // One of the records is refused: send them one by one to find it.
+            PutError::Refused { .. } if records.len() > 1 => log.write_limited(
+                "refused",
+                Level::Warn,
+                format!("Kinesis refused a request to stream `{stream}` ({error}); sending its records one by one to find the refused one"),
+            ),
+            PutError::Refused { .. } => {}
         }
-        Counters::add(&self.module.counters.retried, records.len() as u64);
-        self.complete(&records, &vec![false; records.len()]);
+        Counters::add(&self.module.counters.retried, retried(&verdicts) as u64);
+        let done = self.give_up(&records, &verdicts);
+        if let PutError::Refused { .. } = error {
+            // The search goes on at once; nothing is wrong with the stream.
+            let searching = records.len() > 1;
+            let (base, max) = (self.config.retry_base_ms, self.config.retry_max_ms);
+            self.backlog.complete(&records, &done, now, |failures| {
+                if searching {
+                    Duration::ZERO
+                } else {
+                    retry_delay(failures, base, max)
+                }
+            });
+            return None;
+        }
+        self.complete(&records, &done);
         Some(self.backoff())
     }
 
-    /// Moves records Kinesis refuses from the spool to the dead letters.
-    fn dead_letter(&mut self, records: &[SpoolRecord], error: &PutError) {
+    /// Moves records from the spool to the dead letters with `reason`, in
+    /// one atomic write; returns whether they moved (if not, they stay in
+    /// the spool and are retried).
+    fn dead_letter(&mut self, records: &[SpoolRecord], reason: &str) -> bool {
         let letters: Vec<DeadLetter> = records
             .iter()
             .map(|record| {
                 let data = self.module.spool.data(record).unwrap_or_default();
                 DeadLetter::for_record(
-                    format!("Kinesis refused the record: {error}"),
+                    reason,
                     &record.topic,
                     &record.partition_key,
                     record.explicit_hash_key.as_deref(),
@@ -593,7 +705,7 @@ impl KinesisSink {
         match result {
             Ok(()) => {
                 Counters::add(&module.counters.dead_lettered, count);
-                self.complete(records, &vec![true; records.len()]);
+                true
             }
             Err(error) => {
                 module.log.write_limited(
@@ -601,7 +713,7 @@ impl KinesisSink {
                     Level::Error,
                     format!("cannot move refused records to the dead letters; they stay in the spool: {error}"),
                 );
-                self.complete(records, &vec![false; records.len()]);
+                false
             }
         }
     }
@@ -614,6 +726,11 @@ impl KinesisSink {
             self.config.retry_max_ms,
         )
     }
+}
+
+/// How many records the verdicts send again.
+fn retried(verdicts: &[Verdict]) -> usize {
+    verdicts.iter().filter(|v| **v == Verdict::Retry).count()
 }
 
 /// The delay before retry number `failures` (from 1): exponential from
@@ -641,6 +758,62 @@ mod tests {
         assert!(check_record("k", Some("340282366920938463463374607431768211455"), 2).is_ok());
         assert!(check_record("k", Some("340282366920938463463374607431768211456"), 2).is_err());
         assert!(check_record("k", Some("0x10"), 2).is_err());
+        assert!(check_record("k", Some("0"), 2).is_ok());
+        assert!(check_record("k", Some("042"), 2).is_err(), "leading zero");
+        assert!(check_record("k", Some("00"), 2).is_err());
+        assert!(check_record("k", Some(""), 2).is_err());
+    }
+
+    #[test]
+    fn error_codes_are_weighed_by_what_they_say_about_the_record() {
+        let kind = |code| entry_failure(code, "m").kind;
+        assert_eq!(
+            kind("ProvisionedThroughputExceededException"),
+            FailureKind::Throttled
+        );
+        assert_eq!(kind("KMSThrottlingException"), FailureKind::Throttled);
+        assert_eq!(kind("KMSAccessDeniedException"), FailureKind::Stream);
+        assert_eq!(kind("KMSDisabledException"), FailureKind::Stream);
+        assert_eq!(kind("InternalFailure"), FailureKind::Server);
+        assert_eq!(
+            kind("SomethingNew"),
+            FailureKind::Server,
+            "an entry's own failure"
+        );
+        assert_eq!(
+            entry_failure("InternalFailure", "boom").detail,
+            "InternalFailure: boom"
+        );
+        assert_eq!(code_kind("ServiceUnavailable"), Some(FailureKind::Server));
+        assert_eq!(
+            code_kind("ResourceNotFoundException"),
+            Some(FailureKind::Stream)
+        );
+        assert_eq!(
+            code_kind("AccessDeniedException"),
+            Some(FailureKind::Stream)
+        );
+        assert_eq!(
+            code_kind("InvalidArgumentException"),
+            Some(FailureKind::Refused)
+        );
+        assert_eq!(
+            code_kind("LimitExceededException"),
+            Some(FailureKind::Throttled)
+        );
+        assert_eq!(
+            code_kind("SomethingNew"),
+            None,
+            "then the HTTP status decides"
+        );
+    }
+
+    #[test]
+    fn requests_without_an_answer_are_unreachable() {
+        let error: SdkError<PutRecordsError> = SdkError::timeout_error("attempt timed out");
+        let error = classify(error);
+        assert!(matches!(error, PutError::Unreachable(_)), "{error:?}");
+        assert_eq!(error.failure().kind, FailureKind::Unreachable);
     }
 
     #[test]
