@@ -34,6 +34,7 @@ use crate::ack::Settlement;
 use crate::activity::{CounterSnapshot, Level, LogEntry};
 use crate::components::{ComponentInfo, Components, ReloadOutcome};
 use crate::dead_letter::DeadLetter;
+use crate::inflight::{Charge, InFlight};
 use crate::module::Module;
 use crate::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
 
@@ -92,6 +93,7 @@ struct AppState {
     source: Arc<SourceStatus>,
     inbox: WeakSender<Message>,
     components: Arc<Components>,
+    inflight: Arc<InFlight>,
 }
 
 /// The answer of replay and purge calls.
@@ -133,12 +135,14 @@ impl IdsQuery {
 }
 
 /// The admin API's routes over the running modules; replays go into `inbox`
-/// (held weakly, so it does not keep the router running at shutdown).
+/// (held weakly, so it does not keep the router running at shutdown),
+/// within the in-flight budget.
 pub fn router(
     modules: Modules,
     source: Arc<SourceStatus>,
     inbox: WeakSender<Message>,
     components: Arc<Components>,
+    inflight: Arc<InFlight>,
 ) -> Router {
     Router::new()
         .route("/api/health", get(health))
@@ -159,6 +163,7 @@ pub fn router(
             source,
             inbox,
             components,
+            inflight,
         })
 }
 
@@ -260,7 +265,12 @@ async fn purge_dead_letters(
 }
 
 async fn replay_dead_letters(
-    State(AppState { modules, inbox, .. }): State<AppState>,
+    State(AppState {
+        modules,
+        inbox,
+        inflight,
+        ..
+    }): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<IdsQuery>,
 ) -> Result<(StatusCode, Json<DeadLetterCount>), ApiError> {
@@ -288,7 +298,8 @@ async fn replay_dead_letters(
     let inbox = inbox.upgrade().ok_or_else(shutting_down)?;
     let count = letters.len();
     for letter in letters {
-        let message = replay_message(&module, index, letter);
+        let charge = inflight.charge(letter.data.len()).await;
+        let message = replay_message(&module, index, letter, charge);
         inbox.send(message).await.map_err(|_| shutting_down())?;
     }
     module.log.write(
@@ -300,7 +311,12 @@ async fn replay_dead_letters(
 
 /// A dead letter as a message for one module; once what it produces is
 /// safe, the dead letter is deleted.
-fn replay_message(module: &Arc<Module>, index: usize, letter: DeadLetter) -> Message {
+fn replay_message(
+    module: &Arc<Module>,
+    index: usize,
+    letter: DeadLetter,
+    charge: Charge,
+) -> Message {
     let payload = match (&letter.partition_key, letter.record_index) {
         // One refused bulk record goes through the guest as a one-record payload.
         (None, Some(_)) => Bytes::from(crate::bulk::encode([&letter.data])),
@@ -333,6 +349,7 @@ fn replay_message(module: &Arc<Module>, index: usize, letter: DeadLetter) -> Mes
             module: index,
             record,
         }),
+        charge,
     }
 }
 

@@ -19,13 +19,25 @@ pub use types::Error as GuestError;
 /// longer text is cut there, with a note of its full length.
 pub const MAX_GUEST_TEXT_BYTES: usize = 4096;
 
+/// Most bytes of a guest-chosen name (a field, a MessagePack type) ksm keeps.
+const MAX_GUEST_NAME_BYTES: usize = 256;
+
 /// Guest-chosen text, cut to [`MAX_GUEST_TEXT_BYTES`] (at a character
 /// boundary) with a note of how long it was.
 pub fn bounded(text: &str) -> String {
-    if text.len() <= MAX_GUEST_TEXT_BYTES {
+    bounded_to(text, MAX_GUEST_TEXT_BYTES)
+}
+
+/// A guest-chosen name, cut like [`bounded`] but shorter.
+fn name(text: &str) -> String {
+    bounded_to(text, MAX_GUEST_NAME_BYTES)
+}
+
+fn bounded_to(text: &str, limit: usize) -> String {
+    if text.len() <= limit {
         return text.to_owned();
     }
-    let mut end = MAX_GUEST_TEXT_BYTES;
+    let mut end = limit;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
@@ -42,7 +54,7 @@ pub fn describe(error: &GuestError) -> String {
     match error {
         GuestError::UnsupportedVersion(found) => format!(
             "unsupported bulk data version `{}`: only \"1.0\" is supported",
-            bounded(found)
+            name(found)
         ),
         GuestError::MalformedPayload(fault) => format!(
             "malformed bulk data payload at byte {}: {}",
@@ -53,7 +65,7 @@ pub fn describe(error: &GuestError) -> String {
             "bulk data element {} at byte {} is a MessagePack {}, not a byte array",
             element.index,
             element.offset,
-            bounded(&element.found)
+            name(&element.found)
         ),
         GuestError::RecordTooLarge(record) => format!(
             "record {} is {} bytes (data plus partition key), over the module's limit of {}",
@@ -66,12 +78,12 @@ pub fn describe(error: &GuestError) -> String {
         ),
         GuestError::InvalidField(fault) => format!(
             "event field `{}`: {}",
-            bounded(&fault.field),
+            name(&fault.field),
             bounded(&fault.detail)
         ),
         GuestError::InvalidSettings(fault) => format!(
             "module setting `{}`: {}",
-            bounded(&fault.field),
+            name(&fault.field),
             bounded(&fault.detail)
         ),
         GuestError::NotConfigured => "the guest was called before configure".to_owned(),
@@ -97,6 +109,6 @@ mod tests {
             field: "f".repeat(10_000_000),
             detail: "d".repeat(10_000_000),
         });
-        assert!(describe(&error).len() < 3 * MAX_GUEST_TEXT_BYTES);
+        assert!(describe(&error).len() < MAX_GUEST_TEXT_BYTES + 512);
     }
 }

@@ -20,6 +20,8 @@ use tokio::task::JoinHandle;
 use crate::activity::Level;
 use crate::components::{ComponentError, Components};
 use crate::config::Config;
+use crate::crash_guard::{CrashGuard, GuardError};
+use crate::inflight::InFlight;
 use crate::module::Module;
 use crate::router::answer::Budget;
 use crate::router::{Route, Router};
@@ -62,6 +64,9 @@ pub enum StartError {
     /// The MQTT settings are unusable.
     #[error("mqtt: {0}")]
     Mqtt(String),
+    /// The crash-loop guard's files cannot be used.
+    #[error(transparent)]
+    Guard(#[from] GuardError),
 }
 
 /// A started host; stop it with [`Host::stop`].
@@ -72,6 +77,7 @@ pub struct Host {
     disconnect: watch::Sender<bool>,
     sink_stop: watch::Sender<bool>,
     stopping: Arc<AtomicBool>,
+    guard: Arc<CrashGuard>,
     source: JoinHandle<()>,
     router: std::thread::JoinHandle<()>,
     committer: std::thread::JoinHandle<()>,
@@ -160,8 +166,22 @@ impl Host {
         let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
         let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel(inbox_capacity);
+        let (guard, in_flight_at_exit) = CrashGuard::open(&config.storage.dir)?;
+        let guard = Arc::new(guard);
+        if in_flight_at_exit > 0 {
+            for module in modules.iter() {
+                module.log.write(
+                    Level::Warn,
+                    format!(
+                        "the last run of ksm ended abnormally with {in_flight_at_exit} messages \
+                         in flight; they are handled one at a time, and a message in flight at \
+                         two such ends in a row is kept as a dead letter without being run"
+                    ),
+                );
+            }
+        }
         let stopping = Arc::new(AtomicBool::new(false));
-        let committer = Committer::new(store, targets, stopping.clone());
+        let committer = Committer::new(store, targets, stopping.clone(), guard.clone());
         let committer = std::thread::Builder::new()
             .name("ksm-committer".into())
             .spawn(move || committer.run(job_rx))
@@ -178,11 +198,15 @@ impl Host {
             source,
         })?;
         let status = Arc::new(SourceStatus::default());
+        let inflight = InFlight::new(
+            usize::try_from(config.mqtt.inflight_max_mib * 1024 * 1024).unwrap_or(usize::MAX),
+        );
         let app = crate::admin::router(
             modules.clone(),
             status.clone(),
             inbox_tx.downgrade(),
             components.clone(),
+            inflight.clone(),
         );
         let admin = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
@@ -191,7 +215,15 @@ impl Host {
         });
 
         let budget = Budget::from_config(&config.component);
-        let router = Router::new(routes, &config.devices, budget, job_tx, swap_rx);
+        let router = Router::new(
+            routes,
+            &config.devices,
+            budget,
+            guard.clone(),
+            stopping.clone(),
+            job_tx,
+            swap_rx,
+        );
         let router = std::thread::Builder::new()
             .name("ksm-router".into())
             .spawn(move || router.run(inbox_rx))
@@ -203,8 +235,8 @@ impl Host {
             reloaders.push(tokio::spawn(reload_on_change(components.clone(), interval)));
         }
 
-        let source =
-            MqttSource::new(&config.mqtt, modules.clone(), status).map_err(StartError::Mqtt)?;
+        let source = MqttSource::new(&config.mqtt, modules.clone(), status, inflight)
+            .map_err(StartError::Mqtt)?;
         let (intake, intake_rx) = watch::channel(false);
         let (disconnect, disconnect_rx) = watch::channel(false);
         let source = tokio::spawn(source.run(inbox_tx, intake_rx, disconnect_rx));
@@ -216,6 +248,7 @@ impl Host {
             disconnect,
             sink_stop,
             stopping,
+            guard,
             source,
             router,
             committer,
@@ -253,6 +286,8 @@ impl Host {
             let _ = committer.join();
         })
         .await;
+        // Nothing is between the router and the store any more.
+        self.guard.stopped_cleanly();
         let mut source = self.source;
         let mut sinks = self.sinks;
         let acks_sent = async {

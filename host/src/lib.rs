@@ -14,6 +14,8 @@
 //! - [`spool`] and [`store`]: records on disk until Kinesis accepts them; group commit.
 //! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
 //! - [`admin`] and [`admin_client`]: the admin HTTP API, and the client `ksm dead-letters` uses.
+//! - [`crash_guard`]: a message that made ksm die twice is dead-lettered unrun.
+//! - [`inflight`]: the byte budget of messages between the broker and the store.
 //! - [`host`]: starts and stops all of the above.
 //! - [`bulk`] and [`conformance`]: bulk payload encoding and the guest conformance suite.
 
@@ -27,8 +29,10 @@ pub mod clock;
 pub mod components;
 pub mod config;
 pub mod conformance;
+pub mod crash_guard;
 pub mod dead_letter;
 pub mod host;
+pub mod inflight;
 pub mod module;
 pub mod router;
 pub mod runtime;

@@ -17,14 +17,17 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::ack::Settlement;
 use crate::activity::{Counters, Level};
+use crate::crash_guard::{CrashGuard, Fingerprint};
 use crate::dead_letter::DeadLetter;
+use crate::inflight::Charge;
 use crate::module::Module;
 use crate::sink::shards;
 use crate::store::{self, Store, StoreError};
 
 /// Most messages committed (and synced) together.
 const MAX_GROUP: usize = 1024;
-/// Most record bytes committed together.
+/// Most bytes (records and dead letters) committed together; a larger job
+/// goes alone.
 const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
 /// How often a committer waiting for room checks whether ksm is stopping.
 const ROOM_POLL: Duration = Duration::from_millis(100);
@@ -289,8 +292,15 @@ pub struct Staged {
 }
 
 impl Staged {
+    /// Bytes of its records, which the spool counts.
     fn bytes(&self) -> u64 {
         self.records.iter().map(|r| r.size() as u64).sum()
+    }
+
+    /// Bytes it writes to the store: records and dead letters.
+    pub fn written_bytes(&self) -> u64 {
+        let letters: usize = self.dead_letters.iter().map(DeadLetter::size).sum();
+        self.bytes() + letters as u64
     }
 }
 
@@ -301,6 +311,24 @@ pub struct Job {
     pub staged: Vec<Option<Staged>>,
     /// The message's acknowledgement.
     pub settlement: Settlement,
+    /// What the message holds of the in-flight budget, given back once it
+    /// is committed.
+    pub charge: Charge,
+    /// The message's fingerprint, out of flight once it is committed.
+    pub print: Fingerprint,
+}
+
+impl Job {
+    /// Bytes it writes to the store, over every module.
+    fn written_bytes(&self) -> usize {
+        let bytes: u64 = self
+            .staged
+            .iter()
+            .flatten()
+            .map(Staged::written_bytes)
+            .sum();
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
 }
 
 /// A module as the committer sees it.
@@ -320,18 +348,26 @@ pub struct Committer {
     store: Store,
     targets: Vec<CommitTarget>,
     stopping: Arc<AtomicBool>,
+    guard: Arc<CrashGuard>,
     full: Vec<bool>,
 }
 
 impl Committer {
-    /// A committer over the modules' targets (in module order). Setting
-    /// `stopping` makes a committer that waits for room give up.
-    pub fn new(store: Store, targets: Vec<CommitTarget>, stopping: Arc<AtomicBool>) -> Self {
+    /// A committer over the modules' targets (in module order), telling
+    /// `guard` which messages are out of flight. Setting `stopping` makes a
+    /// committer that waits for room give up.
+    pub fn new(
+        store: Store,
+        targets: Vec<CommitTarget>,
+        stopping: Arc<AtomicBool>,
+        guard: Arc<CrashGuard>,
+    ) -> Self {
         let full = vec![false; targets.len()];
         Self {
             store,
             targets,
             stopping,
+            guard,
             full,
         }
     }
@@ -339,18 +375,20 @@ impl Committer {
     /// Commits jobs until the channel closes.
     pub fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
         let mut group = Vec::new();
-        while let Ok(first) = jobs.recv() {
+        // A job that did not fit the last group starts the next one.
+        let mut next: Option<Job> = None;
+        while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
+            let mut bytes = first.written_bytes();
             group.push(first);
-            let mut bytes = 0;
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-                match jobs.try_recv() {
-                    Ok(job) => {
-                        bytes +=
-                            job.staged.iter().flatten().map(Staged::bytes).sum::<u64>() as usize;
-                        group.push(job);
-                    }
-                    Err(_) => break,
+                let Ok(job) = jobs.try_recv() else { break };
+                let more = job.written_bytes();
+                if bytes + more > MAX_GROUP_BYTES {
+                    next = Some(job);
+                    break;
                 }
+                bytes += more;
+                group.push(job);
             }
             self.commit_all(std::mem::take(&mut group));
         }
@@ -372,6 +410,7 @@ impl Committer {
                 pending.iter_mut().for_each(|p| *p = 0);
                 if !self.wait_for_room(&job) {
                     // Stopping: the message stays unacknowledged.
+                    self.guard.end(&[job.print]);
                     drop(job);
                     continue;
                 }
@@ -432,6 +471,9 @@ impl Committer {
         let mut spooled: Vec<Vec<SpoolRecord>> = vec![Vec::new(); self.targets.len()];
         let mut dead_letters = vec![0u64; self.targets.len()];
         let mut settlements = Vec::with_capacity(jobs.len());
+        // Given back once the group is committed (or has failed).
+        let mut charges = Vec::with_capacity(jobs.len());
+        let prints: Vec<Fingerprint> = jobs.iter().map(|job| job.print).collect();
         for job in jobs {
             for (i, staged) in job.staged.into_iter().enumerate() {
                 let Some(staged) = staged else { continue };
@@ -464,6 +506,7 @@ impl Committer {
                     .stage(&mut batch, staged.dead_letters);
             }
             settlements.push(job.settlement);
+            charges.push(job.charge);
         }
         let result = batch
             .commit()
@@ -479,6 +522,7 @@ impl Committer {
             }
             // Dropping the settlements keeps the messages unacknowledged; the
             // records that were not written are dropped from memory only.
+            self.guard.end(&prints);
             return;
         }
         for (i, records) in spooled.into_iter().enumerate() {
@@ -497,6 +541,7 @@ impl Committer {
         for settlement in settlements {
             settlement.settle();
         }
+        self.guard.end(&prints);
     }
 }
 

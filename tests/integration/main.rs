@@ -12,6 +12,8 @@
 //!   partial failures, broker restart, full spool, shared group).
 //! - `dead_letters`: malformed input, and dead letters listed, replayed, purged.
 //! - `kinesis_faults`: throttling and a missing stream.
+//! - `hostile`: hostile guests and devices under a memory limit: each attack costs one
+//!   message, a device flood stays within the in-flight budget, a crash loop is broken.
 //! - `hot_swap`: components swapped while ksm runs; bad ones refused; per-module components.
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `restart`: the persistent session across restarts.
@@ -24,6 +26,7 @@ mod dead_letters;
 mod events;
 mod faults;
 mod harness_smoke;
+mod hostile;
 mod hot_swap;
 mod kinesalite;
 mod kinesis_faults;

@@ -186,6 +186,7 @@ pub struct Ksm {
     config_path: PathBuf,
     env: Vec<(String, String)>,
     admin: SocketAddr,
+    data_limit_mib: Option<u64>,
 }
 
 impl Ksm {
@@ -194,6 +195,23 @@ impl Ksm {
     /// it is connected to the broker and subscribed (`GET /api/health`
     /// answers 200).
     pub fn start(config: &str, env: Vec<(String, String)>) -> Ksm {
+        let mut ksm = Ksm::prepare(config, env, None);
+        ksm.spawn();
+        ksm
+    }
+
+    /// Like [`Ksm::start`], with the process's data size limited
+    /// (`ulimit -d`: heap and private writable mappings, which is where ksm
+    /// and its guests keep what they hold), so a host that would eat the
+    /// machine fails instead.
+    pub fn start_limited(config: &str, env: Vec<(String, String)>, data_limit_mib: u64) -> Ksm {
+        let mut ksm = Ksm::prepare(config, env, Some(data_limit_mib));
+        ksm.spawn();
+        ksm
+    }
+
+    /// Writes the configuration of a host that [`Ksm::spawn_unchecked`] starts.
+    pub fn prepare(config: &str, env: Vec<(String, String)>, data_limit_mib: Option<u64>) -> Ksm {
         let dir = TempDir::new("ksm-host");
         let config_path = dir.path().join("ksm.toml");
         let data = dir.path().join("data");
@@ -204,24 +222,35 @@ impl Ksm {
         };
         std::fs::write(&config_path, &config).expect("write the test config");
         let admin = admin_addr(&config);
-        let mut ksm = Ksm {
+        Ksm {
             child: None,
             dir,
             config_path,
             env,
             admin,
-        };
-        ksm.spawn();
-        ksm
+            data_limit_mib,
+        }
     }
 
-    fn spawn(&mut self) {
+    /// Starts the process without waiting for it to be ready.
+    pub fn spawn_unchecked(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("ksm.log"))
             .expect("open the host log");
-        let child = Command::new(ksm_binary())
+        let mut command = match self.data_limit_mib {
+            None => Command::new(ksm_binary()),
+            Some(mib) => {
+                let mut shell = Command::new("sh");
+                shell
+                    .arg("-c")
+                    .arg(format!("ulimit -d {} && exec \"$0\" \"$@\"", mib * 1024))
+                    .arg(ksm_binary());
+                shell
+            }
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -233,6 +262,10 @@ impl Ksm {
             .spawn()
             .expect("start ksm");
         self.child = Some(child);
+    }
+
+    fn spawn(&mut self) {
+        self.spawn_unchecked();
         let deadline = Instant::now() + START_TIMEOUT;
         while !matches!(http_get(self.admin, "/api/health"), Ok((200, _))) {
             if let Some(status) = self
@@ -249,6 +282,46 @@ impl Ksm {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (at most `timeout`) for the process to exit by itself, and
+    /// returns how it exited; `None` if it still runs.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().expect("wait for ksm") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs and answers `GET /api/health` with 200.
+    pub fn is_up(&mut self) -> bool {
+        let running = self
+            .child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        running && matches!(http_get(self.admin, "/api/health"), Ok((200, _)))
+    }
+
+    /// The most memory the process has held so far (its `VmHWM`), MiB.
+    pub fn peak_rss_mib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("ksm is running").id();
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib / 1024
     }
 
     /// The host's own log output.
@@ -340,7 +413,17 @@ impl Ksm {
         module: &str,
         done: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        self.wait_for_counters_within(module, Duration::from_secs(30), done)
+    }
+
+    /// Like [`Ksm::wait_for_counters`], waiting at most `timeout`.
+    pub fn wait_for_counters_within(
+        &self,
+        module: &str,
+        timeout: Duration,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
         loop {
             let counters = self.counters(module);
             if done(&counters) || Instant::now() >= deadline {

@@ -13,6 +13,7 @@ pub mod answer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::time::Instant;
 
@@ -24,6 +25,7 @@ use crate::bindings::types::{DeviceContext, HomeContext};
 use crate::clock;
 use crate::components::Swap;
 use crate::config::DeviceConfig;
+use crate::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
 use crate::runtime::Guest;
@@ -45,18 +47,27 @@ pub struct Router {
     routes: Vec<Route>,
     devices: HashMap<u64, DeviceConfig>,
     budget: Budget,
+    guard: Arc<CrashGuard>,
+    stopping: Arc<AtomicBool>,
     committer: SyncSender<Job>,
     swaps: Receiver<Swap>,
 }
 
+/// Most messages the router takes from its inbox at once (one crash-guard
+/// write covers them).
+const MAX_BATCH: usize = 256;
+
 impl Router {
     /// A router over the given modules (in configuration order) and device
-    /// registry, holding guests to `budget`, committing through `committer`
-    /// and taking new guests from `swaps` between messages.
+    /// registry, holding guests to `budget`, telling `guard` what is in
+    /// flight, committing through `committer` and taking new guests from
+    /// `swaps` between messages. `stopping` ends a wait for the committer.
     pub fn new(
         routes: Vec<Route>,
         devices: &[DeviceConfig],
         budget: Budget,
+        guard: Arc<CrashGuard>,
+        stopping: Arc<AtomicBool>,
         committer: SyncSender<Job>,
         swaps: Receiver<Swap>,
     ) -> Self {
@@ -64,6 +75,8 @@ impl Router {
             routes,
             devices: devices.iter().map(|d| (d.id, d.clone())).collect(),
             budget,
+            guard,
+            stopping,
             committer,
             swaps,
         }
@@ -72,11 +85,87 @@ impl Router {
     /// Routes messages until the inbox closes. Dropping the router then
     /// closes the committer's input, so it commits what is left and ends.
     pub fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
-        while let Some(message) = inbox.blocking_recv() {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = inbox.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match inbox.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
+                }
+            }
+            self.route_batch(std::mem::take(&mut batch));
+        }
+    }
+
+    /// Routes a batch: runs of clean messages recorded in flight together,
+    /// a suspect alone (nothing else in flight until it is committed), a
+    /// condemned message straight to the dead letters.
+    fn route_batch(&mut self, batch: Vec<Message>) {
+        let prints: Vec<Fingerprint> = batch
+            .iter()
+            .map(|message| fingerprint(&message.topic, &message.payload))
+            .collect();
+        let mut begun = 0;
+        for (index, (message, print)) in batch.into_iter().zip(prints.iter().copied()).enumerate() {
             while let Ok(swap) = self.swaps.try_recv() {
                 self.switch(swap);
             }
-            self.route(message);
+            match self.guard.standing(print) {
+                Standing::Clean => {
+                    if index >= begun {
+                        begun = prints[index..]
+                            .iter()
+                            .position(|p| self.guard.standing(*p) != Standing::Clean)
+                            .map_or(prints.len(), |n| index + n);
+                        self.guard.begin(&prints[index..begun]);
+                    }
+                    self.route(message, print);
+                }
+                Standing::Suspect => {
+                    let flag = self.stopping.clone();
+                    let stopping = move || flag.load(Ordering::Acquire);
+                    self.guard.wait_idle(&stopping);
+                    self.guard.begin(&[print]);
+                    self.route(message, print);
+                    self.guard.wait_idle(&stopping);
+                }
+                Standing::Condemned => {
+                    self.guard.begin(&[print]);
+                    self.condemn(message, print);
+                }
+            }
+        }
+    }
+
+    /// Keeps a message as a dead letter in every module without running it:
+    /// it was being handled at the last two abnormal exits of ksm.
+    fn condemn(&mut self, message: Message, print: Fingerprint) {
+        let reason = format!(
+            "ksm stopped abnormally (crashed or was killed) twice in a row while this message \
+             was being handled; it is kept as a dead letter without being run, so it cannot stop \
+             ksm again (fingerprint {print:016x})"
+        );
+        let staged = self
+            .routes
+            .iter()
+            .map(|route| {
+                Counters::add(&route.module.counters.received, 1);
+                stage(&route.module, &message, Outcome::Refused(reason.clone()))
+            })
+            .collect();
+        self.send(Job {
+            staged,
+            settlement: message.settlement,
+            charge: message.charge,
+            print,
+        });
+    }
+
+    fn send(&self, job: Job) {
+        if let Err(unsent) = self.committer.send(job) {
+            self.guard.end(&[unsent.0.print]);
+            tracing::warn!("the committer has stopped; message left unacknowledged");
         }
     }
 
@@ -105,7 +194,9 @@ impl Router {
         }
     }
 
-    fn route(&mut self, message: Message) {
+    fn route(&mut self, mut message: Message, print: Fingerprint) {
+        #[cfg(debug_assertions)]
+        crate::crash_guard::abort_if_marked(&message.payload);
         let received_at = clock::format_rfc3339(message.received_at);
         let budget = self.budget;
         let bad_topic_owner = message
@@ -163,15 +254,23 @@ impl Router {
                     answer::bulk(answer, payload, &message.topic, budget)
                 }
             };
-            staged.push(stage(module, &message, outcome));
+            let kept = stage(module, &message, outcome);
+            if !matches!(message.kind, Ok(Topic::BulkData { .. }))
+                && let Some(kept) = &kept
+            {
+                // An event's records are the guest's own bytes, held until committed.
+                message
+                    .charge
+                    .add(kept.records.iter().map(|r| r.data.len()).sum());
+            }
+            staged.push(kept);
         }
-        let job = Job {
+        self.send(Job {
             staged,
             settlement: message.settlement,
-        };
-        if self.committer.send(job).is_err() {
-            tracing::warn!("the committer has stopped; message left unacknowledged");
-        }
+            charge: message.charge,
+            print,
+        });
     }
 }
 

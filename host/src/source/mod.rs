@@ -10,6 +10,7 @@ use bytes::Bytes;
 use time::OffsetDateTime;
 
 use crate::ack::Settlement;
+use crate::inflight::Charge;
 pub use topic::{SUBSCRIPTIONS, Topic};
 
 /// One inbound message, on its way to every module.
@@ -26,6 +27,8 @@ pub struct Message {
     pub settlement: Settlement,
     /// Set when a dead letter is replayed: only this module sees it.
     pub replay: Option<Replay>,
+    /// What it holds of the in-flight budget until it is committed.
+    pub charge: Charge,
 }
 
 /// A dead letter sent through one module again.

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::ack::Settlement;
 use crate::activity::Level;
 use crate::config::{MqttConfig, broker_address};
+use crate::inflight::{Charge, InFlight};
 use crate::module::Module;
 use crate::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
 
@@ -37,6 +38,7 @@ pub struct MqttSource {
     modules: Arc<[Arc<Module>]>,
     status: Arc<SourceStatus>,
     filters: Vec<String>,
+    inflight: Arc<InFlight>,
 }
 
 impl MqttSource {
@@ -45,6 +47,7 @@ impl MqttSource {
         config: &MqttConfig,
         modules: Arc<[Arc<Module>]>,
         status: Arc<SourceStatus>,
+        inflight: Arc<InFlight>,
     ) -> Result<Self, String> {
         let (host, port) = broker_address(&config.url)?;
         let mut options = MqttOptions::new(config.client_id.clone(), host, port);
@@ -77,6 +80,7 @@ impl MqttSource {
             modules,
             status,
             filters,
+            inflight,
         })
     }
 
@@ -191,7 +195,24 @@ impl MqttSource {
                 }
             }
             Event::Incoming(Packet::Publish(publish)) => {
-                let message = message(publish, ack_tx);
+                let bytes = publish.payload.len();
+                if !self.inflight.has_room(bytes) {
+                    let message = format!(
+                        "messages not yet committed hold {} of the {} bytes of \
+                         mqtt.inflight_max_mib: ksm stops reading from the MQTT broker until they \
+                         are committed (devices' messages wait at the broker)",
+                        self.inflight.used(),
+                        self.inflight.max()
+                    );
+                    for module in self.modules.iter() {
+                        module
+                            .log
+                            .write_limited("inflight-full", Level::Warn, &message);
+                    }
+                }
+                // Not reading from the socket while waiting: TCP holds the broker back.
+                let charge = self.inflight.charge(bytes).await;
+                let message = message(publish, ack_tx, charge);
                 if inbox.send(message).await.is_err() {
                     tracing::warn!("router stopped; message left unacknowledged");
                 }
@@ -214,8 +235,22 @@ impl MqttSource {
     }
 }
 
+/// A payload at least this large gets an allocation of its own.
+const OWN_ALLOCATION_BYTES: usize = 64 * 1024;
+
+/// The payload, in an allocation of its own when it is large: the MQTT
+/// client's read buffer it is a view of can be twice its size, and would
+/// be held as long as the payload is (the in-flight budget counts payloads).
+fn own_allocation(payload: bytes::Bytes) -> bytes::Bytes {
+    if payload.len() >= OWN_ALLOCATION_BYTES {
+        bytes::Bytes::copy_from_slice(&payload)
+    } else {
+        payload
+    }
+}
+
 /// Turns a received publish into a message whose settlement sends its PUBACK.
-fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>) -> Message {
+fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>, charge: Charge) -> Message {
     let topic: Arc<str> = String::from_utf8_lossy(&publish.topic).into();
     let on_settled: Option<crate::ack::OnSettled> = (publish.qos != QoS::AtMostOnce).then(|| {
         let ack = Publish {
@@ -230,9 +265,10 @@ fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>) -> Message
     Message {
         kind: Topic::parse(&topic),
         topic,
-        payload: publish.payload,
+        payload: own_allocation(publish.payload),
         received_at: OffsetDateTime::now_utc(),
         settlement: Settlement::new(on_settled),
         replay: None,
+        charge,
     }
 }
