@@ -2,6 +2,9 @@
 //! or make it crash-loop. Each test runs the host under a data-size limit
 //! (`ulimit -d`), so a host that would eat the machine fails instead.
 //!
+//! A machine whose cores are all busy does not make good messages look like
+//! a guest that loops.
+//!
 //! Two modules share one host: `hostile` runs the misbehaving fixture and
 //! `innocent` the reference guest. For each attack on `hostile`, the host
 //! stays up, the attack costs exactly one dead letter, and the innocent
@@ -368,4 +371,63 @@ async fn a_message_that_kills_ksm_twice_is_dead_lettered_unrun_on_the_next_start
     assert_eq!(records.len(), 1, "{}", host.log());
     assert!(records[0].data_text().contains(r#""n":1"#));
     assert!(host.module_log("guarded").contains("ended abnormally"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_busy_machine_is_not_a_bad_guest() {
+    const PAYLOADS: usize = 100;
+    const RECORDS: usize = 100;
+    let bench = Bench::new("busy", 1).await;
+    // One epoch tick: with every core busy, many first tries are cut off by the clock.
+    let options = HostOptions {
+        component: "call_timeout_ms = 5".into(),
+        ..HostOptions::default()
+    };
+    let config = config_with_options(
+        &bench.broker.url(),
+        "ksm-busy",
+        &guest_wasm(),
+        &[module(
+            "busy",
+            &bench.stream,
+            "subscribe_events = [\"*\"]\nbulk_data_label = \"telemetry\"",
+        )],
+        &options,
+    );
+    let endpoint = bench.moto.endpoint();
+    let host = Ksm::start(&config, aws_env(&endpoint, &endpoint));
+    let spinning = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let spinners: Vec<_> = (0..cores * 3)
+        .map(|_| {
+            let spinning = spinning.clone();
+            std::thread::spawn(move || {
+                while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let payload = ksm_host::bulk::encode((0..RECORDS).map(|_| vec![b'r'; 100]));
+    let messages: Vec<(&str, &[u8])> = (0..PAYLOADS)
+        .map(|_| ("/devices/1001/bulkData/telemetry", payload.as_slice()))
+        .collect();
+    bench.publish(&messages).await;
+    let counters = host.wait_for_counters_within("busy", Duration::from_secs(120), |c| {
+        c["spooled"].as_u64().unwrap_or(0) + c["dead_lettered"].as_u64().unwrap_or(0)
+            >= (PAYLOADS * RECORDS) as u64
+    });
+    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    spinners
+        .into_iter()
+        .for_each(|s| s.join().expect("a spinner"));
+    assert_eq!(
+        counters["dead_lettered"], 0,
+        "no valid message is refused: {counters}"
+    );
+    assert_eq!(
+        counters["spooled"],
+        (PAYLOADS * RECORDS) as u64,
+        "every record is spooled (and its message acknowledged): {counters}"
+    );
 }
