@@ -191,3 +191,48 @@ async fn events_that_are_not_mode_events_become_dead_letters() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].data_json()["eventType"], "ok");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_on_a_bad_topic_is_one_dead_letter_in_the_module_it_names() {
+    let bench = Bench::new("bad-topics", 1).await;
+    let host = bench.ksm(
+        "ksm-bad-topics",
+        &[
+            module("events", &bench.stream, "subscribe_events = [\"*\"]"),
+            module(
+                "telemetry",
+                &bench.stream,
+                "bulk_data_label = \"telemetry\"",
+            ),
+        ],
+    );
+    let event = r#"{"eventType":"x","eventData":{}}"#;
+    let bulk = ksm_host::bulk::encode([b"r"]);
+    bench
+        .publish(&[
+            // Device 1 in disguise: not its topic.
+            ("/devices/0001/event", event.as_bytes()),
+            ("/devices/x1/bulkData/telemetry", bulk.as_slice()),
+        ])
+        .await;
+    let events = host.wait_for_counters("events", |c| c["dead_lettered"] == 1);
+    let telemetry = host.wait_for_counters("telemetry", |c| c["dead_lettered"] == 1);
+    assert_eq!(events["dead_lettered"], 1, "{events}");
+    assert_eq!(telemetry["dead_lettered"], 1, "{telemetry}");
+    let kept_by = |module: &str| host.get(&format!("/api/modules/{module}/dead-letters"));
+    let event_letter = &kept_by("events")[0];
+    assert_eq!(event_letter["topic"], "/devices/0001/event");
+    assert!(
+        event_letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no leading zeros")),
+        "{event_letter}"
+    );
+    assert_eq!(
+        kept_by("telemetry")[0]["topic"],
+        "/devices/x1/bulkData/telemetry"
+    );
+    // Each module saw only the message it keeps.
+    assert_eq!(events["received"], 1, "{events}");
+    assert_eq!(telemetry["received"], 1, "{telemetry}");
+}
