@@ -184,13 +184,24 @@ async fn a_bad_component_is_refused_and_the_running_one_stays() {
     std::fs::write(&current, b"not a component").expect("write garbage");
     let (status, body) = host.post("/api/component/reload");
     assert_eq!(status, 422, "{body}");
+    // Build 9999 sleeps a minute in configure: refused within its deadline.
+    install_version(9999, &current);
+    let asked = Instant::now();
+    let (status, body) = host.post("/api/component/reload");
+    let took = asked.elapsed();
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("for the clock"), "{body}");
+    assert!(
+        took < Duration::from_secs(10),
+        "a sleeping configure took {took:?}"
+    );
     assert_eq!(
         running_hash(&host, "tagged"),
         before,
         "the running one stays"
     );
     let errors = host.get("/api/modules/tagged/logs?level=error");
-    assert_eq!(errors.as_array().map_or(0, Vec::len), 2, "{errors}");
+    assert_eq!(errors.as_array().map_or(0, Vec::len), 3, "{errors}");
     assert!(
         errors[0]["message"]
             .as_str()
