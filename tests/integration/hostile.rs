@@ -431,3 +431,25 @@ async fn a_busy_machine_is_not_a_bad_guest() {
         "every record is spooled (and its message acknowledged): {counters}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_that_sleeps_does_not_hold_up_shutdown() {
+    let mut attacked = Attacked::start("sleepy-stop").await;
+    attacked.innocent_latency().await;
+    attacked
+        .bench
+        .publish(&[("/devices/7/event", attack_event("sleep:60000"))])
+        .await;
+    let asked = Instant::now();
+    assert!(
+        attacked.host.stop(),
+        "a clean exit\n{}",
+        attacked.host.log()
+    );
+    let took = asked.elapsed();
+    println!(
+        "hostile guest: shutdown with a guest asleep for 60 s took {} ms",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
