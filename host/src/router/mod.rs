@@ -139,12 +139,12 @@ impl Router {
     }
 
     /// Keeps a message as a dead letter in every module without running it:
-    /// it was being handled at the last two abnormal exits of ksm.
+    /// it was alone in flight at the last two abnormal exits of ksm.
     fn condemn(&mut self, message: Message, print: Fingerprint) {
         let reason = format!(
-            "ksm stopped abnormally (crashed or was killed) twice in a row while this message \
-             was being handled; it is kept as a dead letter without being run, so it cannot stop \
-             ksm again (fingerprint {print:016x})"
+            "ksm stopped abnormally (crashed or was killed) twice in a row while handling this \
+             message alone; it is kept as a dead letter without being run, so it cannot stop ksm \
+             again (fingerprint {print:016x})"
         );
         let staged = self
             .routes
