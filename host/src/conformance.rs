@@ -7,16 +7,25 @@
 //! Each case runs on a fresh instance; a case that cannot be read or is
 //! ill-formed fails with the reason, it never aborts the run.
 //!
+//! Each case runs under a time limit ([`CaseLimit`], 2 s by default): every
+//! guest call gets a deadline of 1/[`DEADLINES_PER_CASE`] of it, so that no
+//! guest, however it loops, sleeps or retries, makes a case take much longer
+//! than its limit, and a case whose guest runs out of time fails saying so.
+//! After [`OUT_OF_TIME_STREAK`] such cases in a row the run stops and the
+//! cases left count as failed, so a hopeless guest is reported in seconds.
+//!
 //! # Layout
 //! - [`load_cases`] reads a directory of cases into [`Case`]s;
 //! - [`CaseSpec`] and its parts: the `case.toml` schema, with [`CaseSpec::check`]
 //!   for the rules serde cannot express;
-//! - [`run_case`] / [`run_all`] build the input, call the guest and compare,
-//!   giving a [`CaseOutcome`] per case and a [`Report`].
+//! - [`Runner`] loads the component under a [`CaseLimit`]; [`Runner::run`] /
+//!   [`Runner::run_case`] build the input, call the guest and compare, giving
+//!   a [`CaseOutcome`] per case as it finishes ([`Progress`]) and a [`Report`].
 
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,7 +33,7 @@ use crate::bindings::GuestError;
 use crate::bindings::types::{
     BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings, Span,
 };
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{GuestFault, GuestLimits, Runtime, RuntimeError};
 
 /// Name of the file describing a case, inside the case's directory.
 pub const CASE_FILE: &str = "case.toml";
@@ -715,29 +724,167 @@ fn diff<T: PartialEq + fmt::Debug>(
     }
 }
 
+/// The time limit of a case when none is given (`--case-timeout-ms`), ms.
+pub const DEFAULT_CASE_TIMEOUT_MS: u64 = 2000;
+
+/// The shortest case limit, ms: a tenth of a second, so that each call's
+/// share stays above the sandbox's 5 ms clock tick.
+pub const MIN_CASE_TIMEOUT_MS: u64 = 100;
+
+/// How many guest call deadlines one case's limit holds: each call's
+/// deadline is the limit divided by this, so that whatever the guest does, a
+/// case ends within about its limit.
+///
+/// A case starts an instance (its start functions, then `configure`) and
+/// makes at most one handler call; the runtime retries: a call cut off by
+/// the clock gets a second chance on a fresh instance, and a fresh instance
+/// is started after a failed call. At worst, guest code runs 14 times in one
+/// case: the start three times (first, after the handler's first try, after
+/// its second), each up to four runs (start functions and `configure`, each
+/// tried twice), and the handler twice. A first try ends within one deadline
+/// of wall-clock time; a second chance within one deadline of the guest's
+/// own CPU time, after clock waits that end within one deadline too, so
+/// within two. With at most four second chances that take their time (three
+/// of `configure`, one of the handler), that is 18 deadlines, on a machine
+/// that gives the guest its CPU (a starved second chance ends at its
+/// wall-clock backstop instead).
+pub const DEADLINES_PER_CASE: u32 = 18;
+
+/// Cases in a row whose guest runs out of time after which the run stops:
+/// the cases left are reported as not run and count as failed.
+pub const OUT_OF_TIME_STREAK: usize = 3;
+
+/// The time limit of each case of a run, and the guest call deadline it gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaseLimit {
+    timeout: Duration,
+}
+
+impl CaseLimit {
+    /// A limit of `timeout` per case (at least [`MIN_CASE_TIMEOUT_MS`] to
+    /// hold its promise).
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout }
+    }
+
+    /// The case's time limit.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Each guest call's deadline: [`DEADLINES_PER_CASE`] of them fit in the limit.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout / DEADLINES_PER_CASE
+    }
+
+    /// The sandbox limits to load the component with: the call deadline,
+    /// and the default memory limit.
+    pub fn guest_limits(&self) -> GuestLimits {
+        GuestLimits {
+            call_timeout: self.call_timeout(),
+            ..GuestLimits::default()
+        }
+    }
+}
+
+impl Default for CaseLimit {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(DEFAULT_CASE_TIMEOUT_MS))
+    }
+}
+
+/// How a case ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The guest answered as the case expects.
+    Passed,
+    /// It did not, or the case could not be run: why.
+    Failed(String),
+    /// A guest call ran out of its share of the case limit: where and how.
+    OutOfTime(String),
+    /// The run stopped before this case ([`EarlyStop`]).
+    NotRun,
+}
+
 /// How one case went.
 #[derive(Debug, Clone)]
 pub struct CaseOutcome {
     /// The case's directory name.
     pub name: String,
-    /// The case's description (empty when it could not be read).
+    /// The case's description (empty when it could not be read or was not run).
     pub description: String,
-    /// `Ok`: passed; `Err`: why it failed.
-    pub result: Result<(), String>,
+    /// How it ended.
+    pub verdict: Verdict,
 }
 
 impl CaseOutcome {
     /// Whether the case passed.
     pub fn passed(&self) -> bool {
-        self.result.is_ok()
+        self.verdict == Verdict::Passed
+    }
+}
+
+/// `ok   NAME`, or `FAIL NAME: reason` (`not run` for a case the run skipped).
+impl fmt::Display for CaseOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.verdict {
+            Verdict::Passed => write!(f, "ok   {}", self.name),
+            Verdict::Failed(reason) | Verdict::OutOfTime(reason) => {
+                write!(f, "FAIL {}: {reason}", self.name)
+            }
+            Verdict::NotRun => write!(f, "FAIL {}: not run", self.name),
+        }
+    }
+}
+
+/// Why a run stopped before its last case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlyStop {
+    /// The case limit the guest kept running out of.
+    pub limit: Duration,
+    /// Cases left, not run.
+    pub not_run: usize,
+}
+
+/// One line saying why the run stopped and what it means for the rest.
+impl fmt::Display for EarlyStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "stopped: {OUT_OF_TIME_STREAK} cases in a row ran past the case limit of {} ms; \
+             the {} case(s) left are not run and count as failed",
+            self.limit.as_millis(),
+            self.not_run
+        )
+    }
+}
+
+/// What a run reports as it goes, in order.
+#[derive(Debug, Clone, Copy)]
+pub enum Progress<'a> {
+    /// A case finished (or, after [`Progress::Stopped`], was not run).
+    Case(&'a CaseOutcome),
+    /// The run stops early; the cases left follow as not run.
+    Stopped(&'a EarlyStop),
+}
+
+/// The line to print for this step.
+impl fmt::Display for Progress<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Progress::Case(outcome) => outcome.fmt(f),
+            Progress::Stopped(stop) => stop.fmt(f),
+        }
     }
 }
 
 /// Every case's outcome, in case order.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
-    /// One outcome per case.
+    /// One outcome per case, including those not run.
     pub outcomes: Vec<CaseOutcome>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<EarlyStop>,
 }
 
 impl Report {
@@ -746,7 +893,7 @@ impl Report {
         self.outcomes.iter().filter(|o| o.passed()).count()
     }
 
-    /// Number of cases that failed.
+    /// Number of cases that failed or were not run.
     pub fn failed(&self) -> usize {
         self.outcomes.len() - self.passed()
     }
@@ -755,20 +902,10 @@ impl Report {
     pub fn all_passed(&self) -> bool {
         !self.outcomes.is_empty() && self.failed() == 0
     }
-}
 
-/// One line per case (`ok NAME` or `FAIL NAME: reason`), then
-/// `conformance: N passed, N failed`.
-impl fmt::Display for Report {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for o in &self.outcomes {
-            match &o.result {
-                Ok(()) => writeln!(f, "ok   {}", o.name)?,
-                Err(reason) => writeln!(f, "FAIL {}: {reason}", o.name)?,
-            }
-        }
-        write!(
-            f,
+    /// The last line of a run: `conformance: N passed, M failed`.
+    pub fn summary(&self) -> String {
+        format!(
             "conformance: {} passed, {} failed",
             self.passed(),
             self.failed()
@@ -776,23 +913,206 @@ impl fmt::Display for Report {
     }
 }
 
-/// Runs every case on its own fresh instance.
-pub fn run_all(runtime: &Runtime, cases: &[Case]) -> Report {
-    Report {
-        outcomes: cases.iter().map(|case| run_case(runtime, case)).collect(),
+/// A component loaded for conformance, under a [`CaseLimit`].
+pub struct Runner {
+    runtime: Runtime,
+    limit: CaseLimit,
+}
+
+impl Runner {
+    /// Loads (checks, compiles, links) the component with the limit's call deadline.
+    pub fn load(component: &Path, limit: CaseLimit) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            runtime: Runtime::load_with(component, limit.guest_limits())?,
+            limit,
+        })
+    }
+
+    /// Runs the cases in order, each on its own fresh instance, telling
+    /// `progress` about each as soon as it finishes. After
+    /// [`OUT_OF_TIME_STREAK`] cases in a row whose guest ran out of time
+    /// (cases that could not be read neither count nor break the streak),
+    /// the run stops: `progress` hears why once, then each case left as not
+    /// run.
+    pub fn run(&self, cases: &[Case], mut progress: impl FnMut(Progress<'_>)) -> Report {
+        let mut report = Report::default();
+        let mut streak = 0;
+        for (i, case) in cases.iter().enumerate() {
+            if streak >= OUT_OF_TIME_STREAK {
+                let stop = EarlyStop {
+                    limit: self.limit.timeout(),
+                    not_run: cases.len() - i,
+                };
+                progress(Progress::Stopped(&stop));
+                for case in &cases[i..] {
+                    let outcome = CaseOutcome {
+                        name: case.name.clone(),
+                        description: String::new(),
+                        verdict: Verdict::NotRun,
+                    };
+                    progress(Progress::Case(&outcome));
+                    report.outcomes.push(outcome);
+                }
+                report.stopped = Some(stop);
+                break;
+            }
+            let outcome = self.run_case(case);
+            match outcome.verdict {
+                Verdict::OutOfTime(_) => streak += 1,
+                _ if case.spec.is_ok() => streak = 0,
+                _ => {}
+            }
+            progress(Progress::Case(&outcome));
+            report.outcomes.push(outcome);
+        }
+        report
+    }
+
+    /// Runs one case on a fresh instance.
+    pub fn run_case(&self, case: &Case) -> CaseOutcome {
+        let (description, result) = match &case.spec {
+            Ok(spec) => (spec.description.clone(), self.run_spec(spec, &case.dir)),
+            Err(reason) => (String::new(), Err(CaseError::Failed(reason.clone()))),
+        };
+        CaseOutcome {
+            name: case.name.clone(),
+            description,
+            verdict: match result {
+                Ok(()) => Verdict::Passed,
+                Err(CaseError::Failed(reason)) => Verdict::Failed(reason),
+                Err(CaseError::OutOfTime(reason)) => Verdict::OutOfTime(reason),
+            },
+        }
+    }
+
+    fn run_spec(&self, spec: &CaseSpec, dir: &Path) -> Result<(), CaseError> {
+        let payload = match &spec.input {
+            Some(input) => Some(input.payload(dir)?),
+            None => None,
+        };
+        let answer = self.call(spec, payload)?;
+        let expect = &spec.expect;
+        let compared = match (answer, &expect.error) {
+            (Err(actual), Some(expected)) => expected.compare(&actual),
+            (Err(actual), None) => Err(format!(
+                "expected records, got a {} error: {}",
+                error_fields(&actual).0,
+                crate::bindings::describe(&actual)
+            )),
+            (Ok(output), Some(expected)) => Err(format!(
+                "expected a {} error, got {}",
+                expected.kind,
+                match output {
+                    Output::Configured => "a successful configure".to_owned(),
+                    Output::Records(r) => format!("{} record(s)", r.len()),
+                    Output::Bulk(b, _) => format!(
+                        "{} record(s) and {} rejected",
+                        b.records.len(),
+                        b.rejected.len()
+                    ),
+                }
+            )),
+            (Ok(output), None) => {
+                let records = expand_records(expect.records.as_deref().unwrap_or_default());
+                let rejected = expect.rejected.as_deref().unwrap_or_default();
+                compare_output(&output, &records, rejected, dir)
+            }
+        };
+        Ok(compared?)
+    }
+
+    /// Instantiates (configuring) and makes the case's one call. The outer
+    /// `Err` is a runner or runtime failure, the inner one the guest's error.
+    fn call(
+        &self,
+        spec: &CaseSpec,
+        payload: Option<Vec<u8>>,
+    ) -> Result<Result<Output, GuestError>, CaseError> {
+        let mut guest = match self
+            .runtime
+            .instantiate(&spec.settings.to_module_settings())
+        {
+            Ok(guest) => guest,
+            Err(RuntimeError::Settings(e)) => return Ok(Err(e)),
+            Err(e) => return Err(self.runtime_error("configure", e)),
+        };
+        let (Some(input), Some(payload)) = (&spec.input, payload) else {
+            return Ok(Ok(Output::Configured));
+        };
+        let received_at = input
+            .received_at
+            .clone()
+            .unwrap_or_else(|| DEFAULT_RECEIVED_AT.to_owned());
+        // `check` guarantees the required IDs; 0 is never used.
+        Ok(match input.kind {
+            InputKind::DeviceEvent => {
+                let context = DeviceContext {
+                    device_id: input.device_id.unwrap_or_default(),
+                    home_id: input.home_id,
+                    device_class: input.device_class.clone(),
+                    device_ip: input.device_ip.clone(),
+                    received_at,
+                };
+                guest
+                    .device_event(&context, &payload)
+                    .map_err(|e| self.runtime_error("handle-device-event", e))?
+                    .map(Output::Records)
+            }
+            InputKind::HomeEvent => {
+                let context = HomeContext {
+                    home_id: input.home_id.unwrap_or_default(),
+                    project_key_id: input.project_key_id.clone(),
+                    project_key_name: input.project_key_name.clone(),
+                    received_at,
+                };
+                guest
+                    .home_event(&context, &payload)
+                    .map_err(|e| self.runtime_error("handle-home-event", e))?
+                    .map(Output::Records)
+            }
+            InputKind::BulkData => {
+                let label = input.label.as_deref().unwrap_or_default();
+                guest
+                    .bulk_data(input.device_id.unwrap_or_default(), label, &payload)
+                    .map_err(|e| self.runtime_error("handle-bulk-data", e))?
+                    .map(|out| Output::Bulk(out, payload))
+            }
+        })
+    }
+
+    /// A runtime failure during `phase` (the WIT function) as the case's
+    /// failure: out of time if the sandbox stopped the guest for its
+    /// deadline or a clock wait past it.
+    fn runtime_error(&self, phase: &str, error: RuntimeError) -> CaseError {
+        let out_of_time = matches!(
+            error.fault(),
+            Some(GuestFault::Deadline(_) | GuestFault::OwnWork { .. } | GuestFault::Sleep { .. })
+        );
+        if out_of_time {
+            CaseError::OutOfTime(format!(
+                "ran past the case limit of {} ms in {phase} (a call's share is 1/{} of it, \
+                 {} ms; {error})",
+                self.limit.timeout().as_millis(),
+                DEADLINES_PER_CASE,
+                self.limit.call_timeout().as_millis()
+            ))
+        } else {
+            CaseError::Failed(format!("runtime, in {phase}: {error}"))
+        }
     }
 }
 
-/// Runs one case on a fresh instance of `runtime`.
-pub fn run_case(runtime: &Runtime, case: &Case) -> CaseOutcome {
-    let (description, result) = match &case.spec {
-        Ok(spec) => (spec.description.clone(), run_spec(runtime, spec, &case.dir)),
-        Err(reason) => (String::new(), Err(reason.clone())),
-    };
-    CaseOutcome {
-        name: case.name.clone(),
-        description,
-        result,
+/// Why a case did not pass.
+enum CaseError {
+    /// A wrong answer, a runtime failure, an unusable case: why.
+    Failed(String),
+    /// The guest ran out of time: where and how.
+    OutOfTime(String),
+}
+
+impl From<String> for CaseError {
+    fn from(reason: String) -> Self {
+        CaseError::Failed(reason)
     }
 }
 
@@ -804,98 +1124,6 @@ enum Output {
     Records(Vec<KinesisRecord>),
     /// The bulk handler's output, with the payload its spans point into.
     Bulk(BulkOutput, Vec<u8>),
-}
-
-fn run_spec(runtime: &Runtime, spec: &CaseSpec, dir: &Path) -> Result<(), String> {
-    let payload = match &spec.input {
-        Some(input) => Some(input.payload(dir)?),
-        None => None,
-    };
-    let answer = call(runtime, spec, payload)?;
-    let expect = &spec.expect;
-    match (answer, &expect.error) {
-        (Err(actual), Some(expected)) => expected.compare(&actual),
-        (Err(actual), None) => Err(format!(
-            "expected records, got a {} error: {}",
-            error_fields(&actual).0,
-            crate::bindings::describe(&actual)
-        )),
-        (Ok(output), Some(expected)) => Err(format!(
-            "expected a {} error, got {}",
-            expected.kind,
-            match output {
-                Output::Configured => "a successful configure".to_owned(),
-                Output::Records(r) => format!("{} record(s)", r.len()),
-                Output::Bulk(b, _) => format!(
-                    "{} record(s) and {} rejected",
-                    b.records.len(),
-                    b.rejected.len()
-                ),
-            }
-        )),
-        (Ok(output), None) => {
-            let records = expand_records(expect.records.as_deref().unwrap_or_default());
-            let rejected = expect.rejected.as_deref().unwrap_or_default();
-            compare_output(&output, &records, rejected, dir)
-        }
-    }
-}
-
-/// Instantiates (configuring) and makes the case's one call. The outer
-/// `Err` is a runner or runtime failure, the inner one the guest's error.
-fn call(
-    runtime: &Runtime,
-    spec: &CaseSpec,
-    payload: Option<Vec<u8>>,
-) -> Result<Result<Output, GuestError>, String> {
-    let runtime_error = |e: RuntimeError| format!("runtime: {e}");
-    let mut guest = match runtime.instantiate(&spec.settings.to_module_settings()) {
-        Ok(guest) => guest,
-        Err(RuntimeError::Settings(e)) => return Ok(Err(e)),
-        Err(e) => return Err(runtime_error(e)),
-    };
-    let (Some(input), Some(payload)) = (&spec.input, payload) else {
-        return Ok(Ok(Output::Configured));
-    };
-    let received_at = input
-        .received_at
-        .clone()
-        .unwrap_or_else(|| DEFAULT_RECEIVED_AT.to_owned());
-    // `check` guarantees the required IDs; 0 is never used.
-    Ok(match input.kind {
-        InputKind::DeviceEvent => {
-            let context = DeviceContext {
-                device_id: input.device_id.unwrap_or_default(),
-                home_id: input.home_id,
-                device_class: input.device_class.clone(),
-                device_ip: input.device_ip.clone(),
-                received_at,
-            };
-            guest
-                .device_event(&context, &payload)
-                .map_err(runtime_error)?
-                .map(Output::Records)
-        }
-        InputKind::HomeEvent => {
-            let context = HomeContext {
-                home_id: input.home_id.unwrap_or_default(),
-                project_key_id: input.project_key_id.clone(),
-                project_key_name: input.project_key_name.clone(),
-                received_at,
-            };
-            guest
-                .home_event(&context, &payload)
-                .map_err(runtime_error)?
-                .map(Output::Records)
-        }
-        InputKind::BulkData => {
-            let label = input.label.as_deref().unwrap_or_default();
-            guest
-                .bulk_data(input.device_id.unwrap_or_default(), label, &payload)
-                .map_err(runtime_error)?
-                .map(|out| Output::Bulk(out, payload))
-        }
-    })
 }
 
 /// Expands `repeat`: one entry per expected record, with its repetition
@@ -1545,6 +1773,65 @@ mod tests {
                 case.name
             );
         }
+    }
+
+    #[test]
+    fn each_call_gets_its_share_of_the_case_limit() {
+        let limit = CaseLimit::default();
+        assert_eq!(
+            limit.timeout(),
+            Duration::from_millis(DEFAULT_CASE_TIMEOUT_MS)
+        );
+        assert_eq!(limit.call_timeout(), Duration::from_nanos(111_111_111));
+        assert!(limit.call_timeout() * DEADLINES_PER_CASE <= limit.timeout());
+        assert_eq!(limit.guest_limits().call_timeout, limit.call_timeout());
+        let shortest = CaseLimit::new(Duration::from_millis(MIN_CASE_TIMEOUT_MS));
+        assert!(
+            shortest.call_timeout() >= Duration::from_millis(5),
+            "at least one clock tick per call"
+        );
+    }
+
+    #[test]
+    fn lines_say_how_each_case_ended_and_the_summary_counts_not_run_as_failed() {
+        let outcome = |name: &str, verdict| CaseOutcome {
+            name: name.into(),
+            description: String::new(),
+            verdict,
+        };
+        let report = Report {
+            outcomes: vec![
+                outcome("001-a", Verdict::Passed),
+                outcome("002-b", Verdict::Failed("wrong key".into())),
+                outcome(
+                    "003-c",
+                    Verdict::OutOfTime("ran past the case limit".into()),
+                ),
+                outcome("004-d", Verdict::NotRun),
+            ],
+            stopped: Some(EarlyStop {
+                limit: Duration::from_millis(2000),
+                not_run: 1,
+            }),
+        };
+        let lines: Vec<String> = report.outcomes.iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            lines,
+            [
+                "ok   001-a",
+                "FAIL 002-b: wrong key",
+                "FAIL 003-c: ran past the case limit",
+                "FAIL 004-d: not run"
+            ]
+        );
+        assert_eq!(
+            Progress::Stopped(report.stopped.as_ref().unwrap()).to_string(),
+            "stopped: 3 cases in a row ran past the case limit of 2000 ms; the 1 case(s) left \
+             are not run and count as failed"
+        );
+        assert_eq!(report.summary(), "conformance: 1 passed, 3 failed");
+        assert!(!report.all_passed());
+        assert!(!Report::default().all_passed(), "no case is no pass");
     }
 
     #[test]

@@ -9,10 +9,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ksm_host::config::{Config, ConfigError};
-use ksm_host::runtime::{GuestLimits, Runtime};
-
-/// Deadline of one guest call during `ksm conformance`.
-const CONFORMANCE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+use ksm_host::runtime::Runtime;
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +61,17 @@ enum Command {
         /// Directory of cases (default: the cases built into ksm).
         #[arg(long)]
         cases: Option<PathBuf>,
+        /// Time limit of each case, ms (at least 100). Each guest call gets
+        /// 1/18 of it, so that a case cannot take much longer whatever the
+        /// guest does; a case whose guest runs out of it fails, and after 3
+        /// such cases in a row the cases left are not run and count as failed.
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = ksm_host::conformance::DEFAULT_CASE_TIMEOUT_MS,
+            value_parser = clap::value_parser!(u64).range(ksm_host::conformance::MIN_CASE_TIMEOUT_MS..)
+        )]
+        case_timeout_ms: u64,
     },
 }
 
@@ -184,7 +192,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .context("cannot write to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Conformance { component, cases } => conformance(&component, cases.as_deref()),
+        Command::Conformance {
+            component,
+            cases,
+            case_timeout_ms,
+        } => conformance(&component, cases.as_deref(), case_timeout_ms),
         Command::DeadLetters {
             command,
             config,
@@ -310,20 +322,31 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-/// Runs the conformance cases against a component; fails if any case fails.
-fn conformance(component: &std::path::Path, cases: Option<&std::path::Path>) -> Result<ExitCode> {
+/// Runs the conformance cases against a component, each under a time limit
+/// of `case_timeout_ms`, printing each case's line as it finishes and the
+/// summary last; fails if any case fails (or was not run).
+fn conformance(
+    component: &std::path::Path,
+    cases: Option<&std::path::Path>,
+    case_timeout_ms: u64,
+) -> Result<ExitCode> {
     use ksm_host::conformance;
-    // Conformance checks what a guest does, not how fast: a generous deadline
-    // keeps a loaded machine from failing cases.
-    let limits = GuestLimits {
-        call_timeout: CONFORMANCE_CALL_TIMEOUT,
-        ..GuestLimits::default()
-    };
-    let runtime = Runtime::load_with(component, limits)?;
+    let limit = conformance::CaseLimit::new(std::time::Duration::from_millis(case_timeout_ms));
+    let runner = conformance::Runner::load(component, limit)?;
     let dir = cases.map_or_else(conformance::default_cases_dir, std::path::Path::to_owned);
     let cases = conformance::load_cases(&dir)?;
-    let report = conformance::run_all(&runtime, &cases);
-    println!("{report}");
+    let mut stdout = std::io::stdout().lock();
+    // Once stdout fails (a closed pipe), the run goes on silently and ends with the error.
+    let mut written = Ok(());
+    let report = runner.run(&cases, |progress| {
+        if written.is_ok() {
+            written = writeln!(stdout, "{progress}").and_then(|()| stdout.flush());
+        }
+    });
+    written
+        .and_then(|()| writeln!(stdout, "{}", report.summary()))
+        .and_then(|()| stdout.flush())
+        .context("cannot write to stdout")?;
     Ok(if report.all_passed() {
         ExitCode::SUCCESS
     } else {

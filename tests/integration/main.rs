@@ -16,6 +16,8 @@
 //!   message, a device flood stays within the in-flight budget, a crash loop is broken.
 //! - `hot_swap`: components swapped while ksm runs; bad ones refused; per-module components.
 //! - `kinesalite`: a second Kinesis implementation.
+//! - `packet_limit`: the broker's packet limit: a message too large for ksm is refused at
+//!   publish, one at the limit reaches ksm whole.
 //! - `restart`: the persistent session across restarts.
 //! - `untrusted_guest`: a guest that traps, loops or eats memory costs one message.
 //! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
@@ -30,6 +32,7 @@ mod hostile;
 mod hot_swap;
 mod kinesalite;
 mod kinesis_faults;
+mod packet_limit;
 mod restart;
 mod support;
 mod untrusted_guest;

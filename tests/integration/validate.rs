@@ -1,8 +1,37 @@
 //! `ksm validate`, `ksm bulk encode` and `ksm conformance` as users run them.
 
-use ksm_tests::{TempDir, guest_wasm, workspace_root};
+use std::io::{BufRead as _, Write as _};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ksm_tests::{TempDir, guest_wasm, ksm_binary, misbehaving_guest_wasm, workspace_root};
 
 use crate::support::ksm_command;
+
+/// The generous bound on a conformance run of a few hopeless cases (before per-case limits, a
+/// looping `configure` took 5 s per case, minutes for a suite).
+const HOPELESS_RUN_BOUND: Duration = Duration::from_secs(30);
+
+/// The shipped case 001, with its settings' `subscribe_events` set to `events` (TOML).
+fn case_with_events(events: &str) -> String {
+    let case = std::fs::read_to_string(
+        workspace_root().join("tests/conformance/001-device-event-exact-match/case.toml"),
+    )
+    .expect("read the shipped case 001");
+    let edited = case.replace(
+        r#"subscribe_events = ["temperature"]"#,
+        &format!("subscribe_events = {events}"),
+    );
+    assert_ne!(edited, case, "case 001 subscribes to [\"temperature\"]");
+    edited
+}
+
+/// Writes `case_toml` as the case `name` in `dir`.
+fn write_case(dir: &Path, name: &str, case_toml: &str) {
+    std::fs::create_dir_all(dir.join(name)).expect("create the case directory");
+    std::fs::write(dir.join(name).join("case.toml"), case_toml).expect("write case.toml");
+}
 
 #[test]
 fn validate_lists_every_problem_with_its_field() {
@@ -108,13 +137,150 @@ fn bulk_encode_writes_the_payload_for_the_files() {
 #[test]
 fn the_reference_guest_passes_conformance() {
     let wasm = guest_wasm();
+    // The default case limit (2 s, each call 1/18 of it).
     let (ok, stdout, stderr) = ksm_command(&["conformance", wasm.to_str().unwrap()]);
     assert!(ok, "{stdout}\n{stderr}");
-    let last = stdout.lines().last().unwrap_or_default();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (last, cases) = lines.split_last().expect("some output");
     assert!(last.ends_with(" passed, 0 failed"), "{last}");
     let words: Vec<&str> = last.split(' ').collect();
     let passed: usize = words[words.len() - 4].parse().unwrap();
     assert!(passed >= 30, "{passed} cases");
+    assert_eq!(cases.len(), passed, "a line per case, then the summary");
+    assert!(
+        cases.iter().all(|line| line.starts_with("ok   ")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_guest_whose_configure_loops_is_reported_in_seconds() {
+    let dir = TempDir::new("conformance-loop");
+    let looping = case_with_events(r#"["configure:loop"]"#);
+    for i in 1..=8 {
+        write_case(dir.path(), &format!("{i:03}-configure-loops"), &looping);
+    }
+    let fixture = misbehaving_guest_wasm();
+    let started = Instant::now();
+    let (ok, stdout, stderr) = ksm_command(&[
+        "conformance",
+        fixture.to_str().unwrap(),
+        "--cases",
+        dir.path().to_str().unwrap(),
+    ]);
+    let took = started.elapsed();
+    assert!(!ok, "a guest that loops must fail:\n{stdout}\n{stderr}");
+    assert!(
+        took < HOPELESS_RUN_BOUND,
+        "took {took:?}, over {HOPELESS_RUN_BOUND:?}:\n{stdout}"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        10,
+        "8 cases, why the run stopped, the summary:\n{stdout}"
+    );
+    for (i, line) in lines[..3].iter().enumerate() {
+        let want = format!(
+            "FAIL {:03}-configure-loops: ran past the case limit of 2000 ms in configure (",
+            i + 1
+        );
+        assert!(line.starts_with(&want), "{line}");
+    }
+    assert!(
+        lines[3].starts_with("stopped: 3 cases in a row ran past the case limit of 2000 ms")
+            && lines[3].contains("the 5 case(s) left are not run"),
+        "{}",
+        lines[3]
+    );
+    for (i, line) in lines[4..9].iter().enumerate() {
+        assert_eq!(*line, format!("FAIL {:03}-configure-loops: not run", i + 4));
+    }
+    assert_eq!(lines[9], "conformance: 0 passed, 8 failed");
+}
+
+#[test]
+fn conformance_prints_each_case_as_it_finishes() {
+    let dir = TempDir::new("conformance-progress");
+    write_case(
+        dir.path(),
+        "001-configure-loops",
+        &case_with_events(r#"["configure:loop"]"#),
+    );
+    // The second case's payload is a named pipe: the run cannot go past it until the test
+    // writes to it, so the first case's line must come out while the run is still going.
+    let waiting = case_with_events(r#"["*"]"#);
+    let payload_line = waiting
+        .lines()
+        .find(|line| line.starts_with("payload = "))
+        .unwrap();
+    write_case(
+        dir.path(),
+        "002-payload-from-a-pipe",
+        &waiting.replace(payload_line, r#"payload_file = "payload.fifo""#),
+    );
+    let fifo = dir.path().join("002-payload-from-a-pipe/payload.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.display());
+
+    let mut child = Command::new(ksm_binary())
+        .arg("conformance")
+        .arg(misbehaving_guest_wasm())
+        .arg("--cases")
+        .arg(dir.path())
+        .args(["--case-timeout-ms", "500"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let first = lines_rx.recv_timeout(HOPELESS_RUN_BOUND);
+    let unblocked = write_to_pipe(&fifo, br#"{"eventType":"t","eventData":{}}"#);
+    let status = child.wait().unwrap();
+    let first = first.expect("the first case's line before the run went on");
+    unblocked.expect("the run reads the second case's payload");
+    assert!(
+        first.starts_with(
+            "FAIL 001-configure-loops: ran past the case limit of 500 ms in configure ("
+        ),
+        "{first}"
+    );
+    let rest: Vec<String> = lines_rx.iter().collect();
+    assert_eq!(rest.len(), 2, "{rest:?}");
+    assert!(
+        rest[0].starts_with("FAIL 002-payload-from-a-pipe: "),
+        "{rest:?}"
+    );
+    assert_eq!(rest[1], "conformance: 0 passed, 2 failed");
+    assert!(!status.success());
+}
+
+/// Opens the named pipe for writing once a reader has it open (waiting up to
+/// [`HOPELESS_RUN_BOUND`]), writes `data` and closes it.
+fn write_to_pipe(fifo: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    /// Linux's `O_NONBLOCK`: opening a pipe's writing end fails at once while it has no reader.
+    const O_NONBLOCK: i32 = 0o4000;
+    let deadline = Instant::now() + HOPELESS_RUN_BOUND;
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(fifo)
+        {
+            Ok(mut pipe) => return pipe.write_all(data),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
 }
 
 #[test]

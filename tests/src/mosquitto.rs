@@ -13,12 +13,30 @@ const TERMINATE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How to install the broker, shown when it is missing.
 const INSTALL_HINT: &str = "scripts/setup.sh (or: apt-get install mosquitto mosquitto-clients)";
 
+/// The broker's `max_packet_size`, set so that every message it takes from a client fits
+/// ksm's default `mqtt.max_packet_bytes` (16 MiB, 16777216) on its way to ksm. Without it,
+/// Mosquitto acknowledges a larger message to the device and then drops it for ksm, which never
+/// hears of it (an MQTT 5 server must not send a packet over the client's Maximum Packet Size).
+///
+/// The limit counts whole packets, but Mosquitto 2.0 measures the two sides differently: a
+/// packet it receives as its remaining length plus 1, one it sends as its remaining length plus
+/// the 4 bytes that encode it (at this size); and a message from an MQTT 3.1.1 client grows by
+/// the 1-byte properties length on its way to ksm (MQTT 5). At exactly 16777216 it would still
+/// acknowledge packets of up to 16777220 bytes and drop the largest of them for ksm ("Dropping
+/// too large outgoing PUBLISH"; measured with Debian 12's Mosquitto 2.0.11), hence 4 bytes less.
+///
+/// Over the limit, an MQTT 5 client has the limit from the CONNACK's Maximum Packet Size and
+/// refuses the publish itself; a client that sends it anyway is disconnected, never
+/// acknowledged.
+pub const BROKER_MAX_PACKET_SIZE: u32 = 16 * 1024 * 1024 - 4;
+
 /// A Mosquitto broker listening on `127.0.0.1:<port>`, killed when dropped.
 ///
 /// The config keeps the broker's defaults except: one listener on loopback, anonymous clients
-/// allowed, no persistence file, and `max_queued_messages 100000` so that messages queued for
-/// a disconnected persistent session are not dropped. [`Mosquitto::start_persistent`] turns
-/// persistence on.
+/// allowed, no persistence file, `max_queued_messages 100000` so that messages queued for a
+/// disconnected persistent session are not dropped, and `max_packet_size`
+/// [`BROKER_MAX_PACKET_SIZE`] so that a message too large for ksm is refused to its publisher
+/// instead of vanishing. [`Mosquitto::start_persistent`] turns persistence on.
 #[derive(Debug)]
 pub struct Mosquitto {
     port: u16,
@@ -66,6 +84,7 @@ impl Mosquitto {
              allow_anonymous true\n\
              {persistence}\
              max_queued_messages 100000\n\
+             max_packet_size {BROKER_MAX_PACKET_SIZE}\n\
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\

@@ -1,11 +1,12 @@
-//! MQTT 5 clients for tests (rumqttc): publish and wait for every acknowledgement, subscribe
-//! and receive.
+//! MQTT 5 clients for tests (rumqttc): publish and wait for every acknowledgement, publish one
+//! message and see what the broker answers (also over MQTT 3.1.1), subscribe and receive.
 
 use std::time::{Duration, Instant};
 
+use rumqttc::v5::mqttbytes::Error as MqttBytesError;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PubAckReason};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use tokio::sync::mpsc;
 
 /// The largest packet the test clients send or accept (the broker's default is unlimited).
@@ -92,6 +93,127 @@ where
         panic!("broker {url} did not acknowledge {expected} publishes within {timeout:?}");
     }
     disconnect(&client, &mut eventloop).await;
+}
+
+/// What came of one QoS 1 publish ([`publish_one`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishAnswer {
+    /// The broker answered with a PUBACK of this reason: success (or "no matching
+    /// subscribers"), or why it refused the message.
+    PubAck(PubAckReason),
+    /// The packet, `size` bytes, is over the Maximum Packet Size `max` the broker announced in
+    /// its CONNACK, so the client refused to send it (MQTT 5 forbids it): the publish fails at
+    /// the publisher.
+    OverBrokerMaximum {
+        /// The PUBLISH packet's size, bytes.
+        size: u32,
+        /// The broker's Maximum Packet Size, bytes.
+        max: u32,
+    },
+    /// The broker sent DISCONNECT with this reason instead of a PUBACK.
+    Disconnected(DisconnectReasonCode),
+    /// The connection ended without a PUBACK or DISCONNECT: the client's error.
+    ConnectionLost(String),
+}
+
+/// The size of a QoS 1 PUBLISH packet without properties: fixed header (type byte and the
+/// remaining length's 1 to 4 bytes), topic (with its 2-byte length), packet ID, the properties'
+/// 1-byte length (0), payload.
+pub fn qos1_publish_packet_size(topic: &str, payload_len: usize) -> usize {
+    let remaining = 2 + topic.len() + 2 + 1 + payload_len;
+    let length_bytes = match remaining {
+        0..128 => 1,
+        128..16_384 => 2,
+        16_384..2_097_152 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
+}
+
+/// Publishes one message with QoS 1 over a fresh MQTT 5 connection and returns what came of
+/// it, refusals included, instead of panicking.
+///
+/// Panics only if the broker cannot be reached, or gives no answer within 30 s.
+pub async fn publish_one(url: &str, topic: &str, payload: Vec<u8>) -> PublishAnswer {
+    let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-pub-one"), 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap_or_else(|e| panic!("queue MQTT publish to {topic}: {e}"));
+    let answer = async {
+        let mut connected = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    return PublishAnswer::PubAck(ack.reason);
+                }
+                Ok(_) => {}
+                Err(ConnectionError::MqttState(
+                    StateError::OutgoingPacketTooLarge { pkt_size, max }
+                    | StateError::Deserialization(MqttBytesError::OutgoingPacketTooLarge {
+                        pkt_size,
+                        max,
+                    }),
+                )) => {
+                    return PublishAnswer::OverBrokerMaximum {
+                        size: pkt_size,
+                        max,
+                    };
+                }
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    ..
+                })) => return PublishAnswer::Disconnected(reason_code),
+                Err(e) if connected => return PublishAnswer::ConnectionLost(e.to_string()),
+                Err(e) => panic!("cannot connect to the MQTT broker at {url}: {e}"),
+            }
+        }
+    };
+    let answer = tokio::time::timeout(BASE_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {url} to a publish within {BASE_TIMEOUT:?}"));
+    if matches!(answer, PublishAnswer::PubAck(_)) {
+        disconnect(&client, &mut eventloop).await;
+    }
+    answer
+}
+
+/// Publishes one message with QoS 1 over a fresh MQTT 3.1.1 connection, where the broker
+/// announces no packet limit and the client checks none: `Ok` once the broker acknowledged it,
+/// `Err` with the client's error if the connection ended first (MQTT 3.1.1 has no way to refuse
+/// a publish but to close the connection).
+///
+/// Panics only if the broker cannot be reached, or gives no answer within 30 s.
+pub async fn publish_one_mqtt311(url: &str, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (host, port) = parse_url(url);
+    let mut options = MqttOptions::new(crate::unique_name("ksm-tests-pub-311"), host, port);
+    let max = usize::try_from(MAX_PACKET_SIZE).unwrap_or(usize::MAX);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(max, max);
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap_or_else(|e| panic!("queue MQTT publish to {topic}: {e}"));
+    let answer = async {
+        let mut connected = false;
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => connected = true,
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if connected => return Err(e.to_string()),
+                Err(e) => panic!("cannot connect to the MQTT broker at {url}: {e}"),
+            }
+        }
+    };
+    // The client and its event loop are dropped on return, which closes the connection.
+    tokio::time::timeout(BASE_TIMEOUT, answer)
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {url} to a publish within {BASE_TIMEOUT:?}"))
 }
 
 /// Sends DISCONNECT and drives the event loop until the connection closes (at most 2 s).
