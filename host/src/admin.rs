@@ -6,40 +6,68 @@
 //! - `GET /api/modules`: every module, its stream and counters.
 //! - `GET /api/modules/{id}/logs?level=error`: entries at or above a level
 //!   (default `info`), oldest first.
-//! - `GET /api/modules/{id}/dead-letters?after=ID&limit=N`: refused data
-//!   with its reasons, oldest first (default: the first 1000).
-//! - `GET /api/modules/{id}/dead-letters/{n}`: one dead letter.
+//! - `GET /api/modules/{id}/dead-letters?after=ID&limit=N`: one page of
+//!   refused data with its reasons, oldest first, IDs above `after`
+//!   (default 0). A page holds at most `limit` letters (default 100; a
+//!   larger `limit` than 1000 is clamped to 1000, not refused) and at most
+//!   4 MiB of data ([`PAGE_DATA_BYTES`]), and always at least one letter.
+//!   Every letter says its `data_bytes`; a letter whose data does not fit
+//!   the page is listed without `data_base64`, with `data_omitted: true`,
+//!   to be fetched alone. Page on with `after` = the last ID of a page,
+//!   until a page is empty.
+//! - `GET /api/modules/{id}/dead-letters/{n}`: one dead letter, data
+//!   included, whatever its size: streamed, 48 KiB of data at a time.
 //! - `POST /api/modules/{id}/dead-letters/replay?ids=1,2`: sends dead
-//!   letters (all if `ids` is absent) through the module again; each is
-//!   removed once its data is spooled again or kept as a new dead letter.
-//!   Answers 202 with the number queued.
+//!   letters (all of them, as they are when it is asked, if `ids` is
+//!   absent) through the module again, in the background, a few at a time,
+//!   each within the in-flight budget; each is removed once its data is
+//!   spooled again or kept as a new dead letter (with a new ID). Answers
+//!   202 with the number it will replay, 404 if an ID is not kept, 409 while
+//!   a replay of the module still runs.
 //! - `DELETE /api/modules/{id}/dead-letters?ids=1,2`: deletes dead letters
 //!   (all if `ids` is absent); answers with the number deleted.
 //! - `POST /api/component/reload`: loads the components whose files
 //!   changed, checks them and swaps them in; answers what happened to each
 //!   (200, or 422 if one failed and its modules kept the running one).
+//!
+//! Listing pages are built two at a time, and each holds its place until
+//! its answer is sent; a shown letter is streamed. So what clients ask
+//! costs the host a bounded amount of memory.
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::WeakSender;
+use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::ack::Settlement;
 use crate::activity::{CounterSnapshot, Level, LogEntry};
 use crate::components::{ComponentInfo, Components, ReloadOutcome};
-use crate::dead_letter::DeadLetter;
+use crate::dead_letter::{DeadLetter, PAGE_DATA_BYTES, Pending};
 use crate::inflight::{Charge, InFlight};
 use crate::module::Module;
 use crate::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
+use crate::store::StoreError;
 
-/// Dead letters `GET .../dead-letters` answers at most per page.
-const DEAD_LETTER_PAGE: usize = 1000;
+/// Dead letters a listing page holds when the request gives no `limit`.
+const DEFAULT_PAGE_LETTERS: u64 = 100;
+/// Most dead letters a listing page holds; a larger `limit` is clamped.
+const MAX_PAGE_LETTERS: u64 = 1000;
+/// Listing pages built (and held until sent) at a time; a page takes up to
+/// about 6 MiB.
+const READS_AT_ONCE: usize = 2;
+/// Most dead letters a replay reads from the store at a time.
+const REPLAY_BATCH_LETTERS: usize = 64;
+/// Most bytes of data a replay holds in memory beside what is in flight
+/// (data kept in files is read one letter at a time, once charged).
+const REPLAY_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// A module as `GET /api/modules` shows it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -94,6 +122,10 @@ struct AppState {
     inbox: WeakSender<Message>,
     components: Arc<Components>,
     inflight: Arc<InFlight>,
+    /// Permits to build (and hold until sent) a listing page.
+    reads: Arc<Semaphore>,
+    /// Per module (in module order), held while a replay runs.
+    replays: Arc<[Arc<Mutex<()>>]>,
 }
 
 /// The answer of replay and purge calls.
@@ -106,7 +138,7 @@ pub struct DeadLetterCount {
 #[derive(Debug, Deserialize)]
 struct PageQuery {
     after: Option<u64>,
-    limit: Option<usize>,
+    limit: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,23 +147,35 @@ struct IdsQuery {
 }
 
 impl IdsQuery {
+    /// The IDs, each once, in the order given; `None` for all.
     fn ids(&self) -> Result<Option<Vec<u64>>, ApiError> {
         let Some(text) = &self.ids else {
             return Ok(None);
         };
-        text.split(',')
-            .filter(|part| !part.trim().is_empty())
-            .map(|part| {
-                part.trim().parse().map_err(|_| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        format!("`{part}` is not a dead-letter ID"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<u64>, _>>()
-            .map(Some)
+        let mut ids = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let id: u64 = part.parse().map_err(|_| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("`{part}` is not a dead-letter ID"),
+                )
+            })?;
+            if seen.insert(id) {
+                ids.push(id);
+            }
+        }
+        Ok(Some(ids))
     }
+}
+
+/// Which dead letters a replay sends.
+enum Selection {
+    /// Every one kept with an ID up to this one (those that come back
+    /// during the replay have higher IDs and are not sent again).
+    Through(u64),
+    /// These.
+    Ids(Vec<u64>),
 }
 
 /// The admin API's routes over the running modules; replays go into `inbox`
@@ -159,11 +203,13 @@ pub fn router(
         .route("/api/modules/{id}/dead-letters/{n}", get(dead_letter))
         .route("/api/component/reload", post(reload_components))
         .with_state(AppState {
+            replays: modules.iter().map(|_| Arc::new(Mutex::new(()))).collect(),
             modules,
             source,
             inbox,
             components,
             inflight,
+            reads: Arc::new(Semaphore::new(READS_AT_ONCE)),
         })
 }
 
@@ -220,31 +266,57 @@ async fn module_logs(
 }
 
 async fn dead_letters(
-    State(AppState { modules, .. }): State<AppState>,
+    State(AppState { modules, reads, .. }): State<AppState>,
     Path(id): Path<String>,
     Query(page): Query<PageQuery>,
-) -> Result<Json<Vec<DeadLetter>>, ApiError> {
-    let module = find(&modules, &id)?;
-    let limit = page.limit.unwrap_or(DEAD_LETTER_PAGE);
-    module
-        .dead_letters
-        .list(page.after.unwrap_or(0), limit)
-        .map(Json)
-        .map_err(internal)
+) -> Result<Response, ApiError> {
+    let module = find(&modules, &id)?.clone();
+    let limit = page
+        .limit
+        .unwrap_or(DEFAULT_PAGE_LETTERS)
+        .clamp(1, MAX_PAGE_LETTERS);
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let after = page.after.unwrap_or(0);
+    let permit = read_permit(&reads).await;
+    let body = blocking(move || {
+        let page = module.dead_letters.page(after, limit, PAGE_DATA_BYTES)?;
+        Ok(serde_json::to_vec(&page).expect("dead letters serialize"))
+    })
+    .await?;
+    Ok(json_answer(body, permit))
 }
 
 async fn dead_letter(
     State(AppState { modules, .. }): State<AppState>,
     Path((id, n)): Path<(String, u64)>,
-) -> Result<Json<DeadLetter>, ApiError> {
-    let module = find(&modules, &id)?;
-    match module.dead_letters.get(n).map_err(internal)? {
-        Some(letter) => Ok(Json(letter)),
-        None => Err(ApiError(
+) -> Result<Response, ApiError> {
+    let module = find(&modules, &id)?.clone();
+    let Some(shown) = blocking(move || module.dead_letters.show(n)).await? else {
+        return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("module `{id}` has no dead letter {n}"),
-        )),
-    }
+        ));
+    };
+    // Streamed a piece at a time, each read off the async threads.
+    let pieces = futures_util::stream::unfold(Some(shown), |shown| async move {
+        let mut shown = shown?;
+        let read = tokio::task::spawn_blocking(move || {
+            let piece = shown.next_piece();
+            (piece, shown)
+        })
+        .await;
+        match read {
+            Ok((Ok(Some(piece)), shown)) => Some((Ok(piece), Some(shown))),
+            Ok((Ok(None), _)) => None,
+            Ok((Err(error), _)) => Some((Err(std::io::Error::other(error.to_string())), None)),
+            Err(error) => Some((Err(std::io::Error::other(error.to_string())), None)),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(pieces),
+    )
+        .into_response())
 }
 
 async fn purge_dead_letters(
@@ -252,12 +324,10 @@ async fn purge_dead_letters(
     Path(id): Path<String>,
     Query(query): Query<IdsQuery>,
 ) -> Result<Json<DeadLetterCount>, ApiError> {
-    let module = find(&modules, &id)?;
+    let module = find(&modules, &id)?.clone();
     let ids = query.ids()?;
-    let count = module
-        .dead_letters
-        .purge(ids.as_deref())
-        .map_err(internal)?;
+    let purging = module.clone();
+    let count = blocking(move || purging.dead_letters.purge(ids.as_deref())).await?;
     module
         .log
         .write(Level::Info, format!("{count} dead letters purged"));
@@ -269,6 +339,7 @@ async fn replay_dead_letters(
         modules,
         inbox,
         inflight,
+        replays,
         ..
     }): State<AppState>,
     Path(id): Path<String>,
@@ -276,37 +347,135 @@ async fn replay_dead_letters(
 ) -> Result<(StatusCode, Json<DeadLetterCount>), ApiError> {
     let index = position(&modules, &id)?;
     let module = modules[index].clone();
-    let letters = match query.ids()? {
-        None => module.dead_letters.list(0, usize::MAX).map_err(internal)?,
+    let Ok(running) = replays[index].clone().try_lock_owned() else {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("a replay of module `{id}`'s dead letters is still running"),
+        ));
+    };
+    let selection = match query.ids()? {
+        None => Selection::Through(module.dead_letters.last_id()),
         Some(ids) => {
-            let mut letters = Vec::with_capacity(ids.len());
-            for n in ids {
-                match module.dead_letters.get(n).map_err(internal)? {
-                    Some(letter) => letters.push(letter),
-                    None => {
-                        return Err(ApiError(
-                            StatusCode::NOT_FOUND,
-                            format!("module `{id}` has no dead letter {n}"),
-                        ));
-                    }
+            for n in &ids {
+                if !module.dead_letters.contains(*n).map_err(internal)? {
+                    return Err(ApiError(
+                        StatusCode::NOT_FOUND,
+                        format!("module `{id}` has no dead letter {n}"),
+                    ));
                 }
             }
-            letters
+            Selection::Ids(ids)
         }
     };
-    let shutting_down = || ApiError(StatusCode::SERVICE_UNAVAILABLE, "ksm is stopping".into());
-    let inbox = inbox.upgrade().ok_or_else(shutting_down)?;
-    let count = letters.len();
-    for letter in letters {
-        let charge = inflight.charge(letter.data.len()).await;
-        let message = replay_message(&module, index, letter, charge);
-        inbox.send(message).await.map_err(|_| shutting_down())?;
+    let counting = module.clone();
+    let count = match &selection {
+        Selection::Through(last) => {
+            let last = *last;
+            blocking(move || counting.dead_letters.count_through(last)).await?
+        }
+        Selection::Ids(ids) => ids.len(),
+    };
+    if inbox.upgrade().is_none() {
+        return Err(stopping());
     }
     module.log.write(
         Level::Info,
         format!("{count} dead letters queued for replay"),
     );
+    let job = ReplayJob {
+        module,
+        index,
+        inbox,
+        inflight,
+    };
+    tokio::spawn(job.run(selection, count, running));
     Ok((StatusCode::ACCEPTED, Json(DeadLetterCount { count })))
+}
+
+/// Where a replay sends its letters.
+struct ReplayJob {
+    module: Arc<Module>,
+    index: usize,
+    inbox: WeakSender<Message>,
+    inflight: Arc<InFlight>,
+}
+
+impl ReplayJob {
+    /// Replays the selected dead letters, then logs how it ended;
+    /// `_running` keeps other replays of the module out meanwhile.
+    async fn run(self, selection: Selection, count: usize, _running: OwnedMutexGuard<()>) {
+        let mut sent = 0;
+        let result = match selection {
+            Selection::Through(last) => self.replay_through(last, &mut sent).await,
+            Selection::Ids(ids) => self.replay_ids(ids, &mut sent).await,
+        };
+        let (level, message) = match result {
+            Ok(()) => (
+                Level::Info,
+                format!(
+                    "replay done: {sent} of {count} dead letters sent through the module again"
+                ),
+            ),
+            Err(ApiError(_, error)) => (
+                Level::Error,
+                format!("replay stopped after {sent} of {count} dead letters: {error}"),
+            ),
+        };
+        self.module.log.write(level, message);
+    }
+
+    /// Every letter kept with an ID up to `last`, read a batch at a time.
+    async fn replay_through(&self, last: u64, sent: &mut usize) -> Result<(), ApiError> {
+        let mut after = 0;
+        loop {
+            let module = self.module.clone();
+            let batch = blocking(move || {
+                module
+                    .dead_letters
+                    .pending(after, last, REPLAY_BATCH_LETTERS, REPLAY_BATCH_BYTES)
+            })
+            .await?;
+            let Some(next) = batch.last().map(Pending::id) else {
+                return Ok(());
+            };
+            after = next;
+            self.send_all(batch, sent).await?;
+        }
+    }
+
+    /// The letters `ids`, one at a time (one deleted meanwhile is skipped).
+    async fn replay_ids(&self, ids: Vec<u64>, sent: &mut usize) -> Result<(), ApiError> {
+        for n in ids {
+            let module = self.module.clone();
+            let one = blocking(move || {
+                module
+                    .dead_letters
+                    .pending(n.saturating_sub(1), n, 1, usize::MAX)
+            })
+            .await?;
+            self.send_all(one, sent).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends pending letters one at a time: each takes its charge of the
+    /// in-flight budget before its data is read.
+    async fn send_all(&self, batch: Vec<Pending>, sent: &mut usize) -> Result<(), ApiError> {
+        for pending in batch {
+            let bytes = usize::try_from(pending.data_bytes()).unwrap_or(usize::MAX);
+            let charge = self.inflight.charge(bytes).await;
+            let module = self.module.clone();
+            // `None`: deleted since it was listed.
+            let Some(letter) = blocking(move || module.dead_letters.load(pending)).await? else {
+                continue;
+            };
+            let message = replay_message(&self.module, self.index, letter, charge);
+            let inbox = self.inbox.upgrade().ok_or_else(stopping)?;
+            inbox.send(message).await.map_err(|_| stopping())?;
+            *sent += 1;
+        }
+        Ok(())
+    }
 }
 
 /// A dead letter as a message for one module; once what it produces is
@@ -369,6 +538,53 @@ async fn reload_components(
 
 fn internal(error: impl std::fmt::Display) -> ApiError {
     ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+}
+
+fn stopping() -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, "ksm is stopping".into())
+}
+
+/// Runs store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(internal)?
+        .map_err(internal)
+}
+
+/// Waits for a permit to build a listing page.
+async fn read_permit(reads: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    reads
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the read permits are never closed")
+}
+
+/// A JSON answer whose bytes keep `permit` until they are sent (or the
+/// client is gone).
+fn json_answer(body: Vec<u8>, permit: OwnedSemaphorePermit) -> Response {
+    /// The body, with the permit it holds.
+    struct Held {
+        body: Vec<u8>,
+        _permit: OwnedSemaphorePermit,
+    }
+    impl AsRef<[u8]> for Held {
+        fn as_ref(&self) -> &[u8] {
+            &self.body
+        }
+    }
+    let body = Bytes::from_owner(Held {
+        body,
+        _permit: permit,
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(body),
+    )
+        .into_response()
 }
 
 fn find<'a>(modules: &'a Modules, id: &str) -> Result<&'a Arc<Module>, ApiError> {

@@ -77,11 +77,12 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DeadLetterCommand {
-    /// One line per dead letter: ID, time, topic and reason.
+    /// One line per dead letter: ID, time, topic, reason and data size.
     List {
         /// Module ID.
         module: String,
-        /// Print the JSON the admin API answers instead.
+        /// Print each dead letter as the admin API lists it (JSON, one per
+        /// line; data omitted from a page comes without `data_base64`).
         #[arg(long)]
         json: bool,
     },
@@ -213,7 +214,7 @@ fn dead_letters(
 ) -> Result<ExitCode> {
     use ksm_host::admin::DeadLetterCount;
     use ksm_host::admin_client::AdminClient;
-    use ksm_host::dead_letter::DeadLetter;
+    use ksm_host::dead_letter::ListedLetter;
 
     let addr = match (admin, config) {
         (Some(addr), _) => addr,
@@ -236,9 +237,11 @@ fn dead_letters(
             loop {
                 let body = client.call(
                     "GET",
-                    &format!("/api/modules/{module}/dead-letters?after={after}"),
+                    &format!(
+                        "/api/modules/{module}/dead-letters?after={after}&limit={DEAD_LETTER_LIST_PAGE}"
+                    ),
                 )?;
-                let page: Vec<DeadLetter> =
+                let page: Vec<ListedLetter> =
                     serde_json::from_str(&body).context("unexpected answer from the admin API")?;
                 let Some(last) = page.last() else { break };
                 after = last.id;
@@ -246,10 +249,15 @@ fn dead_letters(
                     if json {
                         writeln!(out, "{}", serde_json::to_string(letter)?)?;
                     } else {
+                        let details = &letter.details;
                         writeln!(
                             out,
-                            "{}\t{}\t{}\t{}",
-                            letter.id, letter.time, letter.topic, letter.reason
+                            "{}\t{}\t{}\t{}\t{} bytes",
+                            letter.id,
+                            details.time,
+                            details.topic,
+                            details.reason,
+                            letter.data_bytes
                         )?;
                     }
                 }
@@ -257,13 +265,7 @@ fn dead_letters(
         }
         DeadLetterCommand::Show { module, id } => {
             let body = client.call("GET", &format!("/api/modules/{module}/dead-letters/{id}"))?;
-            let letter: DeadLetter =
-                serde_json::from_str(&body).context("unexpected answer from the admin API")?;
-            let mut shown = serde_json::to_value(&letter)?;
-            if let Ok(text) = std::str::from_utf8(&letter.data) {
-                shown["data_text"] = text.into();
-            }
-            writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
+            show_dead_letter(&mut out, &body)?;
         }
         DeadLetterCommand::Replay {
             module,
@@ -294,6 +296,56 @@ fn dead_letters(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Dead letters `ksm dead-letters list` asks the admin API for at a time.
+const DEAD_LETTER_LIST_PAGE: usize = 100;
+
+/// Prints a dead letter the admin API showed, with its data decoded as
+/// text when it is UTF-8. The base64 is borrowed from the answer and the
+/// output written as it goes, so only the answer and the decoded data are
+/// held.
+fn show_dead_letter(out: &mut impl Write, answer: &str) -> Result<()> {
+    use base64::Engine as _;
+    use ksm_host::dead_letter::Details;
+    use std::borrow::Cow;
+
+    #[derive(serde::Deserialize)]
+    struct Shown<'a> {
+        id: u64,
+        #[serde(flatten)]
+        details: Details,
+        data_bytes: u64,
+        #[serde(borrow)]
+        data_base64: Cow<'a, str>,
+    }
+    #[derive(serde::Serialize)]
+    struct Printed<'a> {
+        id: u64,
+        #[serde(flatten)]
+        details: &'a Details,
+        data_bytes: u64,
+        data_base64: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        data_text: Option<&'a str>,
+    }
+    let shown: Shown<'_> =
+        serde_json::from_str(answer).context("unexpected answer from the admin API")?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(shown.data_base64.as_bytes())
+        .context("the admin API answered data that is not base64")?;
+    let printed = Printed {
+        id: shown.id,
+        details: &shown.details,
+        data_bytes: shown.data_bytes,
+        data_base64: &shown.data_base64,
+        data_text: std::str::from_utf8(&data).ok(),
+    };
+    let mut out = std::io::BufWriter::new(out);
+    serde_json::to_writer_pretty(&mut out, &printed)?;
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
 }
 
 fn init_tracing() {

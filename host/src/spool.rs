@@ -18,7 +18,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::ack::Settlement;
 use crate::activity::{Counters, Level};
 use crate::crash_guard::{CrashGuard, Fingerprint};
-use crate::dead_letter::DeadLetter;
+use crate::dead_letter::{DeadLetter, StagedFiles};
 use crate::inflight::Charge;
 use crate::module::Module;
 use crate::sink::shards;
@@ -210,14 +210,16 @@ impl ModuleSpool {
     /// Removes records Kinesis accepted (no sync: a removal lost in a crash
     /// only means the record is sent again).
     pub fn remove(&self, records: &[(u64, usize)]) -> Result<(), StoreError> {
-        self.remove_with(records, |_| {})
+        self.remove_with(records, |_| Ok(StagedFiles::default()))
     }
 
-    /// Removes records and, in the same atomic batch, writes what `also` adds.
+    /// Removes records and, in the same atomic batch, writes what `also`
+    /// adds (dead letters, with the data files they name, kept once the
+    /// batch is committed). If `also` fails, nothing is written.
     pub fn remove_with(
         &self,
         records: &[(u64, usize)],
-        also: impl FnOnce(&mut fjall::OwnedWriteBatch),
+        also: impl FnOnce(&mut fjall::OwnedWriteBatch) -> Result<StagedFiles, StoreError>,
     ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
@@ -226,8 +228,9 @@ impl ModuleSpool {
         for (seq, _) in records {
             batch.remove(&self.keyspace, store::key(*seq));
         }
-        also(&mut batch);
+        let files = also(&mut batch)?;
         batch.commit()?;
+        files.committed();
         // Survives a killed process, so a crash resends less.
         self.store.flush()?;
         let mut usage = self.usage();
@@ -474,6 +477,9 @@ impl Committer {
         // Given back once the group is committed (or has failed).
         let mut charges = Vec::with_capacity(jobs.len());
         let prints: Vec<Fingerprint> = jobs.iter().map(|job| job.print).collect();
+        // Dead letters' data files, kept once the batch naming them is committed.
+        let mut files = Vec::new();
+        let mut staging: Result<(), StoreError> = Ok(());
         for job in jobs {
             for (i, staged) in job.staged.into_iter().enumerate() {
                 let Some(staged) = staged else { continue };
@@ -500,18 +506,27 @@ impl Committer {
                     });
                 }
                 dead_letters[i] += staged.dead_letters.len() as u64;
-                target
-                    .module
-                    .dead_letters
-                    .stage(&mut batch, staged.dead_letters);
+                if staging.is_ok() {
+                    match target
+                        .module
+                        .dead_letters
+                        .stage(&mut batch, staged.dead_letters)
+                    {
+                        Ok(written) => files.push(written),
+                        Err(error) => staging = Err(error),
+                    }
+                }
             }
             settlements.push(job.settlement);
             charges.push(job.charge);
         }
-        let result = batch
-            .commit()
-            .map_err(StoreError::from)
-            .and_then(|()| self.store.sync());
+        // A dead letter's data file that cannot be written fails the group;
+        // the files of a group that is not committed are removed (dropped).
+        let result = staging.and_then(|()| {
+            batch.commit()?;
+            files.into_iter().for_each(StagedFiles::committed);
+            self.store.sync()
+        });
         if let Err(error) = result {
             for target in &self.targets {
                 target.module.log.write_limited(

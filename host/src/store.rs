@@ -2,7 +2,9 @@
 //! three keyspaces per module: `{module}.spool` (records waiting for
 //! Kinesis), `{module}.dead` (dead letters) and `{module}.log` (the activity
 //! log). Keys are big-endian sequence numbers, so every keyspace iterates
-//! oldest first.
+//! oldest first. Large dead letters keep their data in files of their own
+//! beside the database, under `{storage.dir}/dead-letters/`
+//! ([`crate::dead_letter`]).
 //!
 //! [`Store::flush`] hands writes to the operating system (they then survive
 //! a killed process); [`Store::sync`] makes everything written so far survive
@@ -40,6 +42,15 @@ pub enum StoreError {
     /// Reading or writing failed.
     #[error("store: {0}")]
     Io(#[from] fjall::Error),
+    /// A file of the store (a large dead letter's data) could not be
+    /// written, read or removed.
+    #[error("store: {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// An entry could not be decoded.
     #[error("store: entry {seq} of `{keyspace}` is corrupt: {detail}")]
     Corrupt {
@@ -56,6 +67,7 @@ pub enum StoreError {
 #[derive(Clone)]
 pub struct Store {
     db: Database,
+    dir: PathBuf,
 }
 
 impl std::fmt::Debug for Store {
@@ -78,7 +90,16 @@ impl Store {
             path: path.clone(),
             source,
         })?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The storage directory (`storage.dir`) the store lives in; files kept
+    /// beside the database (large dead letters' data) go under it.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The keyspace `{module}.{kind}`, created if new.

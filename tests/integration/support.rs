@@ -512,3 +512,42 @@ pub fn dead_letter_data(letter: &serde_json::Value) -> Vec<u8> {
         .decode(letter["data_base64"].as_str().expect("data_base64"))
         .expect("valid base64")
 }
+
+impl Ksm {
+    /// DELETEs an admin API path and parses the JSON answer (which must be 200).
+    pub fn delete(&self, path: &str) -> serde_json::Value {
+        let (status, body) = AdminClient::new(self.admin)
+            .request("DELETE", path)
+            .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
+        assert_eq!(status, 200, "DELETE {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("DELETE {path}: {e}: {body}"))
+    }
+
+    /// Every dead letter of a module, paging through the admin API; a
+    /// letter whose data a page left out is fetched alone, so each one has
+    /// its `data_base64`.
+    pub fn all_dead_letters(&self, module: &str) -> Vec<serde_json::Value> {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.get(&format!(
+                "/api/modules/{module}/dead-letters?after={after}&limit=1000"
+            ));
+            let page = page.as_array().cloned().expect("a list");
+            let Some(last) = page.last() else {
+                return all;
+            };
+            after = last["id"].as_u64().expect("a dead-letter ID");
+            for letter in page {
+                if letter["data_omitted"] == true {
+                    all.push(self.get(&format!(
+                        "/api/modules/{module}/dead-letters/{}",
+                        letter["id"]
+                    )));
+                } else {
+                    all.push(letter);
+                }
+            }
+        }
+    }
+}
