@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 use ksm_host::config::{Config, ConfigError};
 use ksm_host::runtime::Runtime;
 
+/// mimalloc gives freed memory back to the operating system, so ksm's
+/// memory follows what it holds; glibc keeps the big blocks large messages
+/// leave behind.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ksm",
