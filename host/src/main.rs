@@ -256,13 +256,15 @@ fn dead_letters(
                         writeln!(out, "{}", serde_json::to_string(letter)?)?;
                     } else {
                         let details = &letter.details;
+                        // One line per letter, whatever a topic or reason holds.
+                        let field = |text: &str| text.replace(char::is_control, " ");
                         writeln!(
                             out,
                             "{}\t{}\t{}\t{}\t{} bytes",
                             letter.id,
                             details.time,
-                            details.topic,
-                            details.reason,
+                            field(&details.topic),
+                            field(&details.reason),
                             letter.data_bytes
                         )?;
                     }
