@@ -6,15 +6,17 @@
 //! # Layout
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`source`]: MQTT input ([`source::mqtt`]) and MODE topic names ([`source::topic`]).
-//! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component.
+//! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component;
+//!   [`runtime::sandbox`]: what a guest may do, and the deadline, clock and memory bounds.
 //! - [`components`]: which component each module runs; hot swap.
-//! - [`router`]: hands each message to every module's guest.
+//! - [`router`]: hands each message to every module's guest; [`router::answer`]: a
+//!   guest's answer checked against its budget.
 //! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
 //! - [`ack`]: late MQTT acknowledgement once records are spooled.
 //! - [`spool`] and [`store`]: records on disk until Kinesis accepts them; group commit.
 //! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
 //! - [`admin`] and [`admin_client`]: the admin HTTP API, and the client `ksm dead-letters` uses.
-//! - [`crash_guard`]: a message that made ksm die twice is dead-lettered unrun.
+//! - [`crash_guard`]: a message alone in flight at two abnormal exits is dead-lettered unrun.
 //! - [`inflight`]: the byte budget of messages between the broker and the store.
 //! - [`host`]: starts and stops all of the above.
 //! - [`bulk`] and [`conformance`]: bulk payload encoding and the guest conformance suite.

@@ -264,8 +264,8 @@ pub(super) fn enforce(store: &mut wasmtime::Store<GuestState>) {
     });
 }
 
-/// The interfaces (any version) a guest may import, each linked by
-/// [`link`]. WASI ones see a context that grants nothing: the environment
+/// The interfaces (any version) a guest may import, each linked (and
+/// nothing else) into its linker. WASI ones see a context that grants nothing: the environment
 /// and arguments are empty, stdio is closed, no directory is preopened (so
 /// the filesystem interfaces show no files), and there is no network.
 /// Language runtimes import these whether or not they use them.
