@@ -17,9 +17,13 @@
 //! each of them is then handled alone, for a moment each, so it takes two
 //! kills landing in those moments to condemn one.
 //!
-//! Cost: one small write per batch the router takes and per group the
-//! committer writes (no fsync: what counts is surviving the process, not a
-//! power loss).
+//! Messages leave flight in the order they entered it (the router hands
+//! them to the committer in order, and it commits in order), so the file is
+//! a ring of the fingerprints that entered, each with its sequence number,
+//! and a watermark: how many have left. The router writes the new entries
+//! of each batch it takes, the committer the new watermark after each group:
+//! one small write each, whatever is in flight (no fsync: what counts is
+//! surviving the process, not a power loss).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -31,6 +35,11 @@ use std::sync::{Condvar, Mutex};
 /// Abnormal exits with a message alone in flight after which it is
 /// dead-lettered without being run.
 pub const STRIKES_TO_DEAD_LETTER: u32 = 2;
+/// Entries in the in-flight ring: more than can ever be in flight (the
+/// inbox, a router batch, the committer's queue and group together).
+const RING_SLOTS: u64 = 1 << 16;
+/// Bytes of one ring entry: sequence number and fingerprint.
+const SLOT_BYTES: u64 = 16;
 
 /// A message's fingerprint: xxh3 of its topic and payload.
 pub type Fingerprint = u64;
@@ -63,12 +72,21 @@ pub enum Standing {
     Condemned,
 }
 
+/// Sequence numbers of what entered and left flight.
+#[derive(Debug, Default)]
+struct Flight {
+    /// Messages that entered flight so far.
+    entered: u64,
+    /// Messages that left it so far.
+    left: u64,
+}
+
 /// The guard of one host.
 #[derive(Debug)]
 pub struct CrashGuard {
     file: File,
     suspects: HashMap<Fingerprint, u32>,
-    in_flight: Mutex<HashMap<Fingerprint, usize>>,
+    flight: Mutex<Flight>,
     idle: Condvar,
 }
 
@@ -83,7 +101,7 @@ impl CrashGuard {
             let path = path.to_owned();
             move |source| GuardError { path, source }
         };
-        let at_exit = read_fingerprints(&in_flight_path).map_err(error(&in_flight_path))?;
+        let at_exit = read_in_flight(&in_flight_path).map_err(error(&in_flight_path))?;
         let before = read_strikes(&suspects_path).map_err(error(&suspects_path))?;
         // A strike when a message was alone in flight at the exit; only
         // consecutive exits count, so what was not in flight is forgotten.
@@ -93,19 +111,15 @@ impl CrashGuard {
             .map(|print| (*print, before.get(print).copied().unwrap_or(0) + strike))
             .collect();
         write_strikes(&suspects_path, &suspects).map_err(error(&suspects_path))?;
-        let file = File::options()
-            .create(true)
-            .write(true)
-            .truncate(false)
-            .open(&in_flight_path)
-            .map_err(error(&in_flight_path))?;
+        // A fresh ring: the old entries are behind the new watermark.
+        let file = File::create(&in_flight_path).map_err(error(&in_flight_path))?;
         let guard = Self {
             file,
             suspects,
-            in_flight: Mutex::new(HashMap::new()),
+            flight: Mutex::new(Flight::default()),
             idle: Condvar::new(),
         };
-        guard.write_in_flight(&HashMap::new());
+        guard.write_watermark(0);
         Ok((guard, at_exit.len()))
     }
 
@@ -118,87 +132,100 @@ impl CrashGuard {
         }
     }
 
-    /// Records messages as in flight, before they are handled.
+    /// Records messages as in flight, before they are handled, in the order
+    /// they will leave it.
     pub fn begin(&self, prints: &[Fingerprint]) {
         if prints.is_empty() {
             return;
         }
-        let mut in_flight = self.lock();
-        for print in prints {
-            *in_flight.entry(*print).or_default() += 1;
+        let mut flight = self.lock();
+        let first = flight.entered;
+        flight.entered += prints.len() as u64;
+        let mut bytes = Vec::with_capacity(prints.len() * SLOT_BYTES as usize);
+        for (seq, print) in (first + 1..).zip(prints) {
+            if seq % RING_SLOTS == 0 && !bytes.is_empty() {
+                // The ring wraps: write what precedes the wrap first.
+                self.write_slots(seq - bytes.len() as u64 / SLOT_BYTES, &bytes);
+                bytes.clear();
+            }
+            bytes.extend_from_slice(&seq.to_le_bytes());
+            bytes.extend_from_slice(&print.to_le_bytes());
         }
-        self.write_in_flight(&in_flight);
+        let start = flight.entered + 1 - bytes.len() as u64 / SLOT_BYTES;
+        self.write_slots(start, &bytes);
     }
 
-    /// Records messages as out of flight: committed, or given up.
-    pub fn end(&self, prints: &[Fingerprint]) {
-        if prints.is_empty() {
+    /// Records the next `count` messages as out of flight: committed, or
+    /// given up.
+    pub fn end(&self, count: usize) {
+        if count == 0 {
             return;
         }
-        let mut in_flight = self.lock();
-        for print in prints {
-            if let Some(count) = in_flight.get_mut(print) {
-                *count -= 1;
-                if *count == 0 {
-                    in_flight.remove(print);
-                }
-            }
-        }
-        self.write_in_flight(&in_flight);
-        if in_flight.is_empty() {
+        let mut flight = self.lock();
+        flight.left = (flight.left + count as u64).min(flight.entered);
+        self.write_watermark(flight.left);
+        if flight.left == flight.entered {
             self.idle.notify_all();
         }
     }
 
     /// Waits until nothing is in flight, or `give_up` turns true.
     pub fn wait_idle(&self, give_up: &impl Fn() -> bool) {
-        let mut in_flight = self.lock();
-        while !in_flight.is_empty() && !give_up() {
-            in_flight = self
+        let mut flight = self.lock();
+        while flight.left < flight.entered && !give_up() {
+            flight = self
                 .idle
-                .wait_timeout(in_flight, std::time::Duration::from_millis(100))
+                .wait_timeout(flight, std::time::Duration::from_millis(100))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
     }
 
-    /// Marks a clean stop: nothing was in flight.
+    /// Marks a clean stop: nothing is in flight.
     pub fn stopped_cleanly(&self) {
-        let mut in_flight = self.lock();
-        in_flight.clear();
-        self.write_in_flight(&in_flight);
+        let mut flight = self.lock();
+        flight.left = flight.entered;
+        self.write_watermark(flight.left);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Fingerprint, usize>> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Flight> {
+        self.flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Writes the set as a count and the fingerprints, in one write at the
-    /// start of the file (bytes after them are stale and ignored).
-    fn write_in_flight(&self, in_flight: &HashMap<Fingerprint, usize>) {
-        let mut bytes = Vec::with_capacity(8 + in_flight.len() * 8);
-        bytes.extend_from_slice(&(in_flight.len() as u64).to_le_bytes());
-        for print in in_flight.keys() {
-            bytes.extend_from_slice(&print.to_le_bytes());
+    /// Writes ring entries from sequence number `first` on (no wrap inside).
+    fn write_slots(&self, first: u64, bytes: &[u8]) {
+        let offset = 8 + (first % RING_SLOTS) * SLOT_BYTES;
+        if let Err(error) = self.file.write_all_at(bytes, offset) {
+            tracing::warn!("crash-loop guard: cannot record the messages in flight: {error}");
         }
-        if let Err(error) = self.file.write_all_at(&bytes, 0) {
+    }
+
+    fn write_watermark(&self, left: u64) {
+        if let Err(error) = self.file.write_all_at(&left.to_le_bytes(), 0) {
             tracing::warn!("crash-loop guard: cannot record the messages in flight: {error}");
         }
     }
 }
 
-fn read_fingerprints(path: &Path) -> std::io::Result<HashSet<Fingerprint>> {
+/// The fingerprints in flight when the file was last written: the ring's
+/// entries past the watermark.
+fn read_in_flight(path: &Path) -> std::io::Result<HashSet<Fingerprint>> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(error) if error.kind() == ErrorKind::NotFound => return Ok(HashSet::new()),
         Err(error) => return Err(error),
     };
-    let mut words = bytes
-        .chunks_exact(8)
-        .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")));
-    let count = words.next().unwrap_or(0);
-    Ok(words
-        .take(usize::try_from(count).unwrap_or(usize::MAX))
+    let Some((watermark, ring)) = bytes.split_at_checked(8) else {
+        return Ok(HashSet::new());
+    };
+    let left = u64::from_le_bytes(watermark.try_into().expect("8 bytes"));
+    Ok(ring
+        .chunks_exact(SLOT_BYTES as usize)
+        .filter_map(|slot| {
+            let seq = u64::from_le_bytes(slot[..8].try_into().expect("8 bytes"));
+            let print = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
+            (seq > left).then_some(print)
+        })
         .collect())
 }
 
@@ -280,7 +307,7 @@ mod tests {
         assert_eq!(guard.standing(good), Standing::Suspect);
         // Handled alone: the good one is committed, then the bad one kills us.
         guard.begin(&[good]);
-        guard.end(&[good]);
+        guard.end(1);
         guard.begin(&[bad]);
         drop(guard);
 
@@ -299,6 +326,23 @@ mod tests {
         let (guard, in_flight) = CrashGuard::open(&dir).unwrap();
         assert_eq!(in_flight, 0);
         assert_eq!(guard.standing(bad), Standing::Clean, "a clean stop forgets");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_ring_keeps_what_is_in_flight_across_its_wrap() {
+        let dir = dir("ring");
+        let (guard, _) = CrashGuard::open(&dir).unwrap();
+        let count = RING_SLOTS as usize + 10;
+        let prints: Vec<Fingerprint> = (0..count as u64).collect();
+        for chunk in prints.chunks(1000) {
+            guard.begin(chunk);
+        }
+        guard.end(count - 3);
+        drop(guard);
+        let left = read_in_flight(&dir.join("in-flight")).unwrap();
+        let expected: HashSet<Fingerprint> = prints[count - 3..].iter().copied().collect();
+        assert_eq!(left, expected);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -328,13 +372,14 @@ mod tests {
         let ender = {
             let guard = guard.clone();
             std::thread::spawn(move || {
-                guard.end(&[1]);
-                guard.end(&[2, 1]);
+                guard.end(1);
+                guard.end(2);
             })
         };
         guard.wait_idle(&|| false);
         ender.join().unwrap();
-        assert!(guard.lock().is_empty());
+        let flight = guard.lock();
+        assert_eq!(flight.left, flight.entered);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::ack::Settlement;
 use crate::activity::{Counters, Level};
-use crate::crash_guard::{CrashGuard, Fingerprint};
+use crate::crash_guard::CrashGuard;
 use crate::dead_letter::{DeadLetter, StagedFiles};
 use crate::inflight::Charge;
 use crate::module::Module;
@@ -317,8 +317,6 @@ pub struct Job {
     /// What the message holds of the in-flight budget, given back once it
     /// is committed.
     pub charge: Charge,
-    /// The message's fingerprint, out of flight once it is committed.
-    pub print: Fingerprint,
 }
 
 impl Job {
@@ -413,7 +411,7 @@ impl Committer {
                 pending.iter_mut().for_each(|p| *p = 0);
                 if !self.wait_for_room(&job) {
                     // Stopping: the message stays unacknowledged.
-                    self.guard.end(&[job.print]);
+                    self.guard.end(1);
                     drop(job);
                     continue;
                 }
@@ -476,7 +474,7 @@ impl Committer {
         let mut settlements = Vec::with_capacity(jobs.len());
         // Given back once the group is committed (or has failed).
         let mut charges = Vec::with_capacity(jobs.len());
-        let prints: Vec<Fingerprint> = jobs.iter().map(|job| job.print).collect();
+        let jobs_in_group = jobs.len();
         // Dead letters' data files, kept once the batch naming them is committed.
         let mut files = Vec::new();
         let mut staging: Result<(), StoreError> = Ok(());
@@ -537,7 +535,7 @@ impl Committer {
             }
             // Dropping the settlements keeps the messages unacknowledged; the
             // records that were not written are dropped from memory only.
-            self.guard.end(&prints);
+            self.guard.end(jobs_in_group);
             return;
         }
         for (i, records) in spooled.into_iter().enumerate() {
@@ -556,7 +554,7 @@ impl Committer {
         for settlement in settlements {
             settlement.settle();
         }
-        self.guard.end(&prints);
+        self.guard.end(jobs_in_group);
     }
 }
 

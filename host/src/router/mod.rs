@@ -120,14 +120,14 @@ impl Router {
                             .map_or(prints.len(), |n| index + n);
                         self.guard.begin(&prints[index..begun]);
                     }
-                    self.route(message, print);
+                    self.route(message);
                 }
                 Standing::Suspect => {
                     let flag = self.stopping.clone();
                     let stopping = move || flag.load(Ordering::Acquire);
                     self.guard.wait_idle(&stopping);
                     self.guard.begin(&[print]);
-                    self.route(message, print);
+                    self.route(message);
                     self.guard.wait_idle(&stopping);
                 }
                 Standing::Condemned => {
@@ -158,13 +158,12 @@ impl Router {
             staged,
             settlement: message.settlement,
             charge: message.charge,
-            print,
         });
     }
 
     fn send(&self, job: Job) {
-        if let Err(unsent) = self.committer.send(job) {
-            self.guard.end(&[unsent.0.print]);
+        if self.committer.send(job).is_err() {
+            self.guard.end(1);
             tracing::warn!("the committer has stopped; message left unacknowledged");
         }
     }
@@ -194,7 +193,7 @@ impl Router {
         }
     }
 
-    fn route(&mut self, mut message: Message, print: Fingerprint) {
+    fn route(&mut self, mut message: Message) {
         #[cfg(debug_assertions)]
         crate::crash_guard::abort_if_marked(&message.payload);
         let received_at = clock::format_rfc3339(message.received_at);
@@ -269,7 +268,6 @@ impl Router {
             staged,
             settlement: message.settlement,
             charge: message.charge,
-            print,
         });
     }
 }
