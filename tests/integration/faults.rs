@@ -394,7 +394,11 @@ async fn a_shared_group_survives_losing_a_host() {
         "shared group, one host killed",
         &load.acked,
         &tally,
-        &format!("split before the kill {split:?}"),
+        &format!(
+            "split before the kill {split:?}; counters after: {} and {}",
+            first.counters("shared"),
+            second.counters("shared")
+        ),
     );
     assert!(
         split.0 > 0 && split.1 > 0,

@@ -5,8 +5,8 @@
 //! A call runs first under a wall-clock deadline (epoch interruption: free on
 //! the hot path). A call cut off by it gets a second chance on a fresh
 //! instance that counts only the guest's own CPU time, so a machine busy with
-//! other work does not look like a looping guest; a wall-clock backstop
-//! bounds that second run too.
+//! other work does not look like a looping guest; a wall-clock backstop (10×
+//! the deadline, at least 5 s) bounds that second run too.
 
 use std::time::{Duration, Instant};
 
@@ -23,8 +23,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// How often the engine's epoch advances; deadlines are multiples of it.
 pub(super) const EPOCH_TICK: Duration = Duration::from_millis(5);
-/// The second chance's wall-clock backstop, as a multiple of the deadline.
+/// The second chance's wall-clock backstop, as a multiple of the deadline...
 const SECOND_CHANCE_WALL_FACTOR: u32 = 10;
+/// ...and at least this: a thread starved of CPU on an overloaded machine
+/// (or in a throttled container) must not make a good message look like a
+/// loop. Only the guest's own CPU time ends a second chance before it.
+const SECOND_CHANCE_WALL_MIN: Duration = Duration::from_secs(5);
 /// Most elements a guest's tables may hold (their memory is the host's).
 const MAX_TABLE_ELEMENTS: usize = 1_000_000;
 
@@ -159,8 +163,9 @@ impl Sandbox {
             } => {
                 let cpu = thread_cpu_time().saturating_sub(cpu_start);
                 let wall = wall_start.elapsed();
-                if cpu >= self.call_timeout || wall >= self.call_timeout * SECOND_CHANCE_WALL_FACTOR
-                {
+                let backstop =
+                    (self.call_timeout * SECOND_CHANCE_WALL_FACTOR).max(SECOND_CHANCE_WALL_MIN);
+                if cpu >= self.call_timeout || wall >= backstop {
                     return Err(GuestFault::OwnWork {
                         budget: self.call_timeout,
                         cpu,
