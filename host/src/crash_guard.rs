@@ -110,7 +110,9 @@ impl CrashGuard {
             .iter()
             .map(|print| (*print, before.get(print).copied().unwrap_or(0) + strike))
             .collect();
-        write_strikes(&suspects_path, &suspects).map_err(error(&suspects_path))?;
+        if suspects != before {
+            write_strikes(&suspects_path, &suspects).map_err(error(&suspects_path))?;
+        }
         // A fresh ring: the old entries are behind the new watermark.
         let file = File::create(&in_flight_path).map_err(error(&in_flight_path))?;
         let guard = Self {

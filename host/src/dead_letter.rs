@@ -31,6 +31,7 @@ use bytes::Bytes;
 use fjall::{Keyspace, OwnedWriteBatch as WriteBatch};
 use serde::{Deserialize, Serialize};
 
+use crate::bindings::bounded;
 use crate::clock;
 use crate::store::{self, Store, StoreError};
 
@@ -208,18 +209,19 @@ impl DeadLetter {
         }
     }
 
-    /// A dead letter for a record the guest produced but Kinesis refuses.
+    /// A dead letter for a record the guest produced but Kinesis refuses;
+    /// its keys are the guest's, so they are kept cut ([`bounded`]).
     pub fn for_record(
         reason: impl Into<String>,
         topic: &str,
         partition_key: &str,
         explicit_hash_key: Option<&str>,
-        data: &[u8],
+        data: Bytes,
     ) -> Self {
         Self {
-            partition_key: Some(partition_key.to_owned()),
-            explicit_hash_key: explicit_hash_key.map(str::to_owned),
-            ..Self::new(reason, topic, None, Bytes::copy_from_slice(data))
+            partition_key: Some(bounded(partition_key)),
+            explicit_hash_key: explicit_hash_key.map(bounded),
+            ..Self::new(reason, topic, None, data)
         }
     }
 
@@ -916,7 +918,13 @@ mod tests {
                     Some(3),
                     Bytes::from_static(b"abc"),
                 ),
-                DeadLetter::for_record("refused", "/devices/1/event", "1", None, b"{}"),
+                DeadLetter::for_record(
+                    "refused",
+                    "/devices/1/event",
+                    "1",
+                    None,
+                    Bytes::from_static(b"{}"),
+                ),
             ],
         );
         drop(letters);
@@ -1124,7 +1132,13 @@ mod tests {
 
     #[test]
     fn entries_of_earlier_versions_still_read_and_the_wire_form_is_base64() {
-        let letter = DeadLetter::for_record("why", "/devices/1/event", "1", Some("42"), b"\x00{}");
+        let letter = DeadLetter::for_record(
+            "why",
+            "/devices/1/event",
+            "1",
+            Some("42"),
+            Bytes::from_static(b"\x00{}"),
+        );
         let details = Details::of(&letter);
         // The first version: the letter as JSON, data in base64.
         let first = serde_json::json!({

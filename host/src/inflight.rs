@@ -38,10 +38,17 @@ impl InFlight {
         *self.lock()
     }
 
-    /// True if `bytes` more fit now (anything fits an empty budget, so a
+    /// Charges `bytes` if they fit now (anything fits an empty budget, so a
     /// message larger than the whole budget still goes, alone).
-    pub fn has_room(&self, bytes: usize) -> bool {
-        fits(*self.lock(), bytes, self.max)
+    pub fn try_charge(self: &Arc<Self>, bytes: usize) -> Option<Charge> {
+        let mut used = self.lock();
+        fits(*used, bytes, self.max).then(|| {
+            *used += bytes;
+            Charge {
+                budget: self.clone(),
+                bytes,
+            }
+        })
     }
 
     /// Charges `bytes`, waiting until they fit.
@@ -51,15 +58,8 @@ impl InFlight {
             tokio::pin!(freed);
             // Registered before the check, so a release in between wakes it.
             freed.as_mut().enable();
-            {
-                let mut used = self.lock();
-                if fits(*used, bytes, self.max) {
-                    *used += bytes;
-                    return Charge {
-                        budget: self.clone(),
-                        bytes,
-                    };
-                }
+            if let Some(charge) = self.try_charge(bytes) {
+                return charge;
             }
             freed.await;
         }
@@ -122,7 +122,7 @@ mod tests {
         let mut second = budget.charge(40).await;
         second.add(10);
         assert_eq!(budget.used(), 110);
-        assert!(!budget.has_room(1));
+        assert!(budget.try_charge(1).is_none());
         let waiting = tokio::spawn({
             let budget = budget.clone();
             async move { budget.charge(50).await.bytes() }
@@ -139,8 +139,8 @@ mod tests {
     async fn a_message_larger_than_the_budget_goes_alone() {
         let budget = InFlight::new(100);
         let huge = budget.charge(1000).await;
-        assert!(!budget.has_room(1));
+        assert!(budget.try_charge(1).is_none());
         drop(huge);
-        assert!(budget.has_room(1000));
+        assert!(budget.try_charge(1000).is_some());
     }
 }

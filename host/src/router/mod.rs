@@ -20,7 +20,6 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::activity::{Counters, Level};
-use crate::bindings::bounded;
 use crate::bindings::types::{DeviceContext, HomeContext};
 use crate::clock;
 use crate::components::Swap;
@@ -106,17 +105,19 @@ impl Router {
             .iter()
             .map(|message| fingerprint(&message.topic, &message.payload))
             .collect();
+        let standings: Vec<Standing> = prints.iter().map(|p| self.guard.standing(*p)).collect();
         let mut begun = 0;
-        for (index, (message, print)) in batch.into_iter().zip(prints.iter().copied()).enumerate() {
+        for (index, message) in batch.into_iter().enumerate() {
             while let Ok(swap) = self.swaps.try_recv() {
                 self.switch(swap);
             }
-            match self.guard.standing(print) {
+            let print = prints[index];
+            match standings[index] {
                 Standing::Clean => {
                     if index >= begun {
-                        begun = prints[index..]
+                        begun = standings[index..]
                             .iter()
-                            .position(|p| self.guard.standing(*p) != Standing::Clean)
+                            .position(|s| *s != Standing::Clean)
                             .map_or(prints.len(), |n| index + n);
                         self.guard.begin(&prints[index..begun]);
                     }
@@ -330,19 +331,16 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
                 explicit_hash_key: record.explicit_hash_key,
                 topic: message.topic.clone(),
             }),
-            Err(reason) => letters.push(DeadLetter {
-                partition_key: Some(bounded(&record.partition_key)),
-                explicit_hash_key: record.explicit_hash_key.as_deref().map(bounded),
-                ..DeadLetter::new(
-                    format!(
-                        "the module's component returned a record Kinesis would refuse \
-                         (output record {index}): {reason}"
-                    ),
-                    &message.topic,
-                    None,
-                    record.data,
-                )
-            }),
+            Err(reason) => letters.push(DeadLetter::for_record(
+                format!(
+                    "the module's component returned a record Kinesis would refuse \
+                     (output record {index}): {reason}"
+                ),
+                &message.topic,
+                &record.partition_key,
+                record.explicit_hash_key.as_deref(),
+                record.data,
+            )),
         }
     }
     module.log_refused(&letters);

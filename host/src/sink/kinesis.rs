@@ -691,7 +691,7 @@ impl KinesisSink {
                     &record.topic,
                     &record.partition_key,
                     record.explicit_hash_key.as_deref(),
-                    &data,
+                    data,
                 )
             })
             .collect();

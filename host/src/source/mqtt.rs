@@ -196,22 +196,25 @@ impl MqttSource {
             }
             Event::Incoming(Packet::Publish(publish)) => {
                 let bytes = publish.payload.len();
-                if !self.inflight.has_room(bytes) {
-                    let message = format!(
-                        "messages not yet committed hold {} of the {} bytes of \
-                         mqtt.inflight_max_mib: ksm stops reading from the MQTT broker until they \
-                         are committed (devices' messages wait at the broker)",
-                        self.inflight.used(),
-                        self.inflight.max()
-                    );
-                    for module in self.modules.iter() {
-                        module
-                            .log
-                            .write_limited("inflight-full", Level::Warn, &message);
+                let charge = match self.inflight.try_charge(bytes) {
+                    Some(charge) => charge,
+                    None => {
+                        let message = format!(
+                            "messages not yet committed hold {} of the {} bytes of \
+                             mqtt.inflight_max_mib: ksm stops reading from the MQTT broker until \
+                             they are committed (devices' messages wait at the broker)",
+                            self.inflight.used(),
+                            self.inflight.max()
+                        );
+                        for module in self.modules.iter() {
+                            module
+                                .log
+                                .write_limited("inflight-full", Level::Warn, &message);
+                        }
+                        // Not reading from the socket meanwhile: TCP holds the broker back.
+                        self.inflight.charge(bytes).await
                     }
-                }
-                // Not reading from the socket while waiting: TCP holds the broker back.
-                let charge = self.inflight.charge(bytes).await;
+                };
                 let message = message(publish, ack_tx, charge);
                 if inbox.send(message).await.is_err() {
                     tracing::warn!("router stopped; message left unacknowledged");
