@@ -13,7 +13,8 @@ use rand::{Rng, SeedableRng};
 use ksm_tests::{aws_env, guest_wasm};
 
 use crate::support::{
-    Bench, HostOptions, Ksm, config_with_options, dead_letter_data, ksm_command, module,
+    Bench, HostOptions, Ksm, config_with_options, dead_letter_data, ksm_command, machine_to_myself,
+    module,
 };
 
 /// One malformed message and what its dead letter must hold.
@@ -396,6 +397,7 @@ fn shown_data(host: &Ksm, module: &str, id: u64) -> Vec<u8> {
 /// host's memory stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_dead_letters_live_in_files_and_are_read_within_a_memory_bound() {
+    let _machine = machine_to_myself().await;
     let bench = Bench::new("big-letters", 1).await;
     let options = HostOptions {
         mqtt: format!("inflight_max_mib = {BIG_INFLIGHT_MIB}"),

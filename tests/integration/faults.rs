@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ksm_tests::proxy::Faults;
 use ksm_tests::{LoadPlan, LoadPublisher, RecordingProxy, read_all_records};
 
-use crate::support::{Bench, HostOptions, Ksm, module};
+use crate::support::{Bench, HostOptions, Ksm, machine_shared, module};
 
 /// How long a test waits for every expected record to land.
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -105,6 +105,19 @@ fn everything(id: &str, stream: &str) -> crate::support::ModuleSpec {
     module(id, stream, "subscribe_events = [\"*\"]")
 }
 
+/// What the broker's log says about messages it dropped (Mosquitto 2.0.11
+/// drops QoS 1 messages for a subscriber that falls far behind).
+fn broker_drops(log: &str) -> String {
+    let drops: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("dropped") || line.contains("Dropping"))
+        .collect();
+    match drops.first() {
+        None => "no drops logged".to_owned(),
+        Some(first) => format!("{} drop lines, the first: {first}", drops.len()),
+    }
+}
+
 /// Asserts that nothing acknowledged is missing and prints the figures.
 fn report(test: &str, acked: &BTreeSet<u64>, tally: &Tally, extra: &str) {
     let missing = tally.missing(acked);
@@ -128,6 +141,7 @@ fn report(test: &str, acked: &BTreeSet<u64>, tally: &Tally, extra: &str) {
 ///    acknowledged reaches the stream after the restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_host_loses_no_acknowledged_message() {
+    let _machine = machine_shared().await;
     let bench = Bench::new("fault-kill", 2).await;
     let mut host = bench.ksm("ksm-fault-kill", &[everything("crash", &bench.stream)]);
     let publisher = LoadPublisher::start(&bench.broker.url(), plan("kill", 4000, 40, 1000));
@@ -156,6 +170,7 @@ async fn a_killed_host_loses_no_acknowledged_message() {
 ///    acknowledged into the spool, which drains once Kinesis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kinesis_outage_fills_the_spool_and_it_drains_after() {
+    let _machine = machine_shared().await;
     let bench = Bench::new("fault-outage", 2).await;
     let proxy = RecordingProxy::start(&bench.moto.endpoint());
     let host = bench.ksm_via(
@@ -207,6 +222,7 @@ async fn a_kinesis_outage_fills_the_spool_and_it_drains_after() {
 ///    only what failed was sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
+    let _machine = machine_shared().await;
     let bench = Bench::new("fault-partial", 2).await;
     let proxy = RecordingProxy::start(&bench.moto.endpoint());
     proxy.set_faults(Faults {
@@ -276,6 +292,7 @@ async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
 ///    ksm reconnects and resumes; nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_under_load_loses_nothing() {
+    let _machine = machine_shared().await;
     let mut bench = Bench::persistent_broker("fault-broker", 1).await;
     let host = bench.ksm("ksm-fault-broker", &[everything("broker", &bench.stream)]);
     let publisher = LoadPublisher::start(&bench.broker.url(), plan("broker", 2000, 20, 500));
@@ -304,6 +321,7 @@ async fn a_broker_restart_under_load_loses_nothing() {
 ///    the log says why, and nothing is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_holds_messages_back_and_drops_nothing() {
+    let _machine = machine_shared().await;
     let bench = Bench::new("fault-full", 1).await;
     let proxy = RecordingProxy::start(&bench.moto.endpoint());
     proxy.set_down(true);
@@ -369,6 +387,7 @@ async fn a_full_spool_holds_messages_back_and_drops_nothing() {
 ///    SIGKILL and restarted: every acknowledged message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_group_survives_losing_a_host() {
+    let _machine = machine_shared().await;
     let bench = Bench::new("fault-shared", 2).await;
     let options = HostOptions {
         mqtt: "shared_group = \"ksm\"".into(),
@@ -395,9 +414,10 @@ async fn a_shared_group_survives_losing_a_host() {
         &load.acked,
         &tally,
         &format!(
-            "split before the kill {split:?}; counters after: {} and {}",
+            "split before the kill {split:?}; counters after: {} and {}; broker: {}",
             first.counters("shared"),
-            second.counters("shared")
+            second.counters("shared"),
+            broker_drops(&bench.broker.log())
         ),
     );
     assert!(

@@ -17,7 +17,9 @@ use ksm_tests::{
     wait_for_records,
 };
 
-use crate::support::{Bench, HostOptions, Ksm, config_with_options, dead_letter_data, module};
+use crate::support::{
+    Bench, HostOptions, Ksm, config_with_options, dead_letter_data, machine_to_myself, module,
+};
 
 /// The data limit the attacked host runs under.
 const DATA_LIMIT_MIB: u64 = 1024;
@@ -281,6 +283,7 @@ async fn every_attack_costs_its_message_and_the_innocent_module_goes_on() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_flood_of_15_mb_messages_is_kept_within_the_memory_budget() {
+    let _machine = machine_to_myself().await;
     const MESSAGES: usize = 100;
     const SIZE: usize = 15 * 1000 * 1000;
     let bench = Bench::new("flood", 1).await;
@@ -383,6 +386,7 @@ async fn a_message_that_kills_ksm_twice_is_dead_lettered_unrun_on_the_next_start
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_busy_machine_is_not_a_bad_guest() {
+    let _machine = machine_to_myself().await;
     const PAYLOADS: usize = 100;
     const RECORDS: usize = 100;
     let bench = Bench::new("busy", 1).await;

@@ -551,3 +551,21 @@ impl Ksm {
         }
     }
 }
+
+/// Tests that load the machine on purpose (floods of large messages, busy
+/// CPUs) and tests whose broker must keep up with its subscribers (the
+/// fault tests under load: Mosquitto 2.0.11 drops QoS 1 messages for a
+/// subscriber that falls about a thousand behind) do not run side by side.
+static MACHINE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Held by a test that loads the machine on purpose: it runs beside no
+/// test that holds [`machine_shared`].
+pub async fn machine_to_myself() -> tokio::sync::RwLockWriteGuard<'static, ()> {
+    MACHINE.write().await
+}
+
+/// Held by a test under load that must not run beside one that holds
+/// [`machine_to_myself`].
+pub async fn machine_shared() -> tokio::sync::RwLockReadGuard<'static, ()> {
+    MACHINE.read().await
+}
