@@ -142,9 +142,7 @@ else
     fi
     moto_ready || die "moto $MOTO_VERSION is still not importable by python3 after pip install"
 fi
-if ! command -v moto_server >/dev/null 2>&1; then
-    say "note: moto_server is not on PATH; the tests fall back to 'python3 -m moto.server'"
-fi
+# The tests and the quickstart run moto through tests/emulators/moto_server.py with this python3.
 
 # --- kinesalite (second Kinesis emulator) ------------------------------------------------
 

@@ -5,6 +5,9 @@ use std::process::Command;
 use crate::process::{ServiceProcess, http_get_status};
 use crate::{TempDir, free_port};
 
+/// The launcher: moto's server with one concurrency fix.
+const LAUNCHER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/emulators/moto_server.py");
+
 /// How to install moto's server, shown when it is missing.
 const INSTALL_HINT: &str = "scripts/setup.sh (or: python3 -m pip install 'moto[server]==5.2.1')";
 
@@ -20,14 +23,16 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// Starts `moto_server -H 127.0.0.1 -p <free port>` and waits until it answers HTTP
-    /// (`GET /moto-api/`). Without `moto_server` on `PATH` (a pip install whose scripts
-    /// directory is not on it), runs `python3 -m moto.server` instead.
+    /// Starts moto's server on `127.0.0.1:<free port>` and waits until it answers HTTP
+    /// (`GET /moto-api/`). It runs through `tests/emulators/moto_server.py`, which is
+    /// `moto.server` with its Kinesis record numbering made safe for concurrent
+    /// `PutRecords` (see that file).
     pub fn start() -> Moto {
         let port = free_port();
         let dir = TempDir::new("ksm-moto");
-        let mut command = moto_command();
+        let mut command = Command::new("python3");
         command
+            .arg(LAUNCHER)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .current_dir(dir.path())
             .env("PYTHONUNBUFFERED", "1");
@@ -56,19 +61,5 @@ impl Moto {
     /// Everything the server has logged so far (one line per request).
     pub fn log(&self) -> String {
         self.process.log()
-    }
-}
-
-/// `moto_server` if it is on `PATH`, else `python3 -m moto.server` (the same program).
-fn moto_command() -> Command {
-    let on_path = std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join("moto_server").is_file())
-    });
-    if on_path {
-        Command::new("moto_server")
-    } else {
-        let mut command = Command::new("python3");
-        command.args(["-m", "moto.server"]);
-        command
     }
 }
