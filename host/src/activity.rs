@@ -75,6 +75,8 @@ pub struct Counters {
     pub retried: AtomicU64,
     /// Records Kinesis throttled.
     pub throttled: AtomicU64,
+    /// Records that landed after a later record of their key (`ordering = "key"`).
+    pub reordered: AtomicU64,
 }
 
 /// A copy of the counters, for the admin API.
@@ -94,6 +96,9 @@ pub struct CounterSnapshot {
     pub retried: u64,
     /// Records Kinesis throttled.
     pub throttled: u64,
+    /// Records that landed after a later record of their key (`ordering = "key"`).
+    #[serde(default)]
+    pub reordered: u64,
     /// Records in the spool now, waiting for Kinesis.
     pub spool_records: u64,
     /// Bytes in the spool now (data plus partition keys).
@@ -117,6 +122,7 @@ impl Counters {
             spooled: get(&self.spooled),
             retried: get(&self.retried),
             throttled: get(&self.throttled),
+            reordered: get(&self.reordered),
             spool_records: spool.0,
             spool_bytes: spool.1,
         }

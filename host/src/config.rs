@@ -175,6 +175,24 @@ pub struct KinesisConfig {
     pub record_max_attempts: u32,
     /// Or once it has kept failing that way for this long, seconds.
     pub record_max_failing_secs: u64,
+    /// How a partition key's records are kept in order.
+    pub ordering: Ordering,
+    /// Most PutRecords requests in flight at once per module.
+    pub max_in_flight: usize,
+}
+
+/// How the sink keeps each partition key's records in order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Many records of a key per request, in order; a key is in at most one
+    /// request at a time. A record Kinesis fails while it accepts a later
+    /// one of its key lands after it: counted as `reordered` and logged.
+    #[default]
+    Key,
+    /// At most one record of a key per request, so order holds even then;
+    /// a key gets at most one record per round trip.
+    Strict,
 }
 
 impl Default for KinesisConfig {
@@ -188,6 +206,8 @@ impl Default for KinesisConfig {
             shard_bytes_per_sec: 1024 * 1024,
             record_max_attempts: 20,
             record_max_failing_secs: 300,
+            ordering: Ordering::Key,
+            max_in_flight: 8,
         }
     }
 }
@@ -441,6 +461,9 @@ impl Config {
                 "kinesis.record_max_failing_secs".into(),
                 "must be at least 1".into(),
             );
+        }
+        if !(1..=64).contains(&self.kinesis.max_in_flight) {
+            report("kinesis.max_in_flight".into(), "must be 1 to 64".into());
         }
         if self.storage.spool_max_mib == 0 {
             report("storage.spool_max_mib".into(), "must be at least 1".into());
@@ -842,6 +865,7 @@ spool_max_mib = 0
 [kinesis]
 shard_records_per_sec = 1001
 shard_bytes_per_sec = 10
+max_in_flight = 0
 [[modules]]
 id = "AB"
 external_id = "x"
@@ -868,6 +892,7 @@ stream_name = "bad name!"
             "storage.spool_max_mib",
             "kinesis.shard_records_per_sec",
             "kinesis.shard_bytes_per_sec",
+            "kinesis.max_in_flight",
             "component.path",
             "modules[0].id",
             "modules[0].subscribe_events",

@@ -29,7 +29,7 @@ use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
 use crate::sink::kinesis::{self, KinesisSink};
 use crate::source::SourceStatus;
 use crate::source::mqtt::MqttSource;
-use crate::spool::{CommitTarget, Committer};
+use crate::spool::{CommitTarget, Committer, SpoolReader};
 use crate::store::{Store, StoreError};
 
 /// How long shutdown lets the sinks send what is spooled before it leaves
@@ -37,9 +37,9 @@ use crate::store::{Store, StoreError};
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the last acknowledgements to leave.
 const ACK_GRACE: Duration = Duration::from_secs(5);
-/// Record data read back into memory per module at start; the rest is read
-/// from disk as it is sent.
-const RECOVERY_MEMORY: usize = 64 * 1024 * 1024;
+/// Most memory one module's sink holds records in; the rest of its
+/// backlog waits on disk and is read back, in order, as room frees.
+const SINK_WINDOW_BYTES: usize = 32 * 1024 * 1024;
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +126,7 @@ impl Host {
         let mut sinks = Vec::new();
         for (module, guest) in modules.iter().zip(guests) {
             let module_config = &module.config;
-            let recovered = module.spool.recover(RECOVERY_MEMORY)?;
+            let reader = SpoolReader::new(&module.spool, SINK_WINDOW_BYTES)?;
             let next_seq = module.spool.next_seq()?;
             let client = kinesis::client(module_config, &config.kinesis).await;
             let (sink_tx, sink_rx) = mpsc::unbounded_channel();
@@ -137,8 +137,8 @@ impl Host {
                     module_config.stream_name, module_config.region
                 ),
             );
-            if !recovered.is_empty() {
-                let (records, bytes) = module.spool.len();
+            let (records, bytes) = module.spool.len();
+            if records > 0 {
                 module.log.write(
                     Level::Info,
                     format!("resuming {records} records ({bytes} bytes) left in the spool"),
@@ -148,7 +148,7 @@ impl Host {
                 client,
                 module.clone(),
                 config.kinesis.clone(),
-                recovered,
+                reader,
                 sink_rx,
             );
             sinks.push(tokio::spawn(sink.run(sink_stop_rx.clone())));

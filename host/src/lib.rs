@@ -13,7 +13,8 @@
 //!   guest's answer checked against its budget.
 //! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
 //! - [`ack`]: late MQTT acknowledgement once records are spooled.
-//! - [`spool`] and [`store`]: records on disk until Kinesis accepts them; group commit.
+//! - [`spool`] and [`store`]: records on disk until Kinesis accepts them, in groups;
+//!   group commit; the sink's bounded window on them.
 //! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
 //! - [`admin`] and [`admin_client`]: the admin HTTP API, and the client `ksm dead-letters` uses.
 //! - [`crash_guard`]: a message alone in flight at two abnormal exits is dead-lettered unrun.

@@ -1,7 +1,8 @@
 //! The host's on-disk store: one fjall database under `storage.dir`, holding
-//! three keyspaces per module: `{module}.spool` (records waiting for
-//! Kinesis), `{module}.dead` (dead letters) and `{module}.log` (the activity
-//! log). Keys are big-endian sequence numbers, so every keyspace iterates
+//! per module: `{module}.groups` and `{module}.group-index` (the spool:
+//! records waiting for Kinesis, see [`crate::spool`]), `{module}.dead`
+//! (dead letters) and `{module}.log` (the activity log); `{module}.spool`
+//! is the spool of older versions, converted at start. Keys are big-endian sequence numbers, so every keyspace iterates
 //! oldest first. Large dead letters keep their data in files of their own
 //! beside the database, under `{storage.dir}/dead-letters/`
 //! ([`crate::dead_letter`]).

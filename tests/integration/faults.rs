@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use ksm_tests::proxy::Faults;
+use ksm_tests::proxy::{Faults, RecordedRequest};
 use ksm_tests::{LoadPlan, LoadPublisher, RecordingProxy, read_all_records};
 
 use crate::support::{Bench, HostOptions, Ksm, machine_shared, module};
@@ -218,12 +218,71 @@ async fn a_kinesis_outage_fills_the_spool_and_it_drains_after() {
 }
 
 /// 3. Throttled records inside successful PutRecords calls, 500s and slow
-///    answers: everything arrives once, each device's records in order, and
-///    only what failed was sent again.
+///    answers, with `ordering = "strict"`: everything arrives once, each
+///    device's records in order, and only what failed was sent again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
+    let outcome = partial_failures("strict").await;
+    assert!(
+        outcome.out_of_order.is_empty(),
+        "records of these keys landed out of order: {:?}",
+        outcome.out_of_order
+    );
+    assert_eq!(outcome.reordered_counted, 0);
+    assert_eq!(
+        outcome.overtaken_by_proxy, 0,
+        "no request carries two records of a key"
+    );
+}
+
+/// 3b. The same faults with `ordering = "key"` (several records of a key per
+///     request): nothing is lost or sent twice, and every record the proxy
+///     failed while it passed a later record of its key is counted in
+///     `reordered` and logged; every key that landed out of order had one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_failures_in_key_order_lose_nothing_and_count_every_broken_order() {
+    let outcome = partial_failures("key").await;
+    assert!(
+        outcome.overtaken_by_proxy > 0,
+        "the proxy failed records overtaken by later ones of their key"
+    );
+    assert_eq!(outcome.reordered_counted, outcome.overtaken_by_proxy);
+    let overtaken: BTreeSet<&String> = outcome.overtaken_keys.iter().collect();
+    for key in &outcome.out_of_order {
+        assert!(
+            overtaken.contains(key),
+            "key {key} landed out of order without a counted reordering"
+        );
+    }
+    assert!(
+        outcome
+            .log
+            .contains("and accepted a later one of the same key in the same request"),
+        "the log says which key: {}",
+        outcome.log
+    );
+}
+
+/// What a partial-failure run showed.
+struct PartialOutcome {
+    /// Keys whose records landed out of order.
+    out_of_order: Vec<String>,
+    /// The module's `reordered` counter.
+    reordered_counted: u64,
+    /// Records the proxy failed while it passed a later record of their key
+    /// in the same request, and their keys.
+    overtaken_by_proxy: u64,
+    overtaken_keys: Vec<String>,
+    /// The module's log.
+    log: String,
+}
+
+/// Runs 1500 events from 30 devices through a proxy that fails 30% of
+/// records, answers 5% of requests 500 and slows 10%, with `ordering`;
+/// checks what holds in both modes.
+async fn partial_failures(ordering: &str) -> PartialOutcome {
     let _machine = machine_shared().await;
-    let bench = Bench::new("fault-partial", 2).await;
+    let bench = Bench::new(&format!("fault-partial-{ordering}"), 2).await;
     let proxy = RecordingProxy::start(&bench.moto.endpoint());
     proxy.set_faults(Faults {
         fail_record_ratio: 0.3,
@@ -232,17 +291,22 @@ async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
         slow_by: Duration::from_millis(300),
         seed: 7,
     });
-    let host = bench.ksm_via(
+    let options = HostOptions {
+        kinesis: format!("ordering = \"{ordering}\""),
+        ..HostOptions::default()
+    };
+    let host = bench.ksm_with(
         &proxy.endpoint(),
-        "ksm-fault-partial",
+        &format!("ksm-fault-partial-{ordering}"),
         &[everything("partial", &bench.stream)],
+        &options,
     );
     let publisher = LoadPublisher::start(&bench.broker.url(), plan("partial", 1500, 30, 0));
     let load = publisher.finish(Duration::from_secs(60)).await;
     let tally = wait_for_ids(&bench, &load.acked).await;
     let stats = proxy.put_records_stats();
-    let in_server_errors: u64 = proxy
-        .requests_for("PutRecords")
+    let requests = proxy.requests_for("PutRecords");
+    let in_server_errors: u64 = requests
         .iter()
         .filter(|r| r.response_status == 500)
         .map(|r| {
@@ -251,11 +315,19 @@ async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
                 .unwrap_or(0) as u64
         })
         .sum();
+    let overtaken_keys: Vec<String> = requests
+        .iter()
+        .filter(|r| r.response_status == 200)
+        .flat_map(overtaken_in)
+        .collect();
     report(
-        "30% throttled records, 5% 500s, 10% slow",
+        &format!("ordering {ordering}: 30% throttled records, 5% 500s, 10% slow"),
         &load.acked,
         &tally,
-        &format!("{stats:?} records-in-500s {in_server_errors}"),
+        &format!(
+            "{stats:?} records-in-500s {in_server_errors} overtaken {}",
+            overtaken_keys.len()
+        ),
     );
     assert!(stats.records_failed_injected > 100, "{stats:?}");
     assert!(stats.server_errors_injected > 0, "{stats:?}");
@@ -270,22 +342,105 @@ async fn partial_failures_are_retried_alone_and_keep_each_key_in_order() {
         load.acked.len() as u64,
         "the emulator received each record exactly once"
     );
-    let out_of_order = tally.out_of_order();
-    assert!(
-        out_of_order.is_empty(),
-        "records of these keys landed out of order: {out_of_order:?}"
-    );
     let counters = host.counters("partial");
     assert_eq!(
         counters["retried"].as_u64(),
         Some(stats.records_failed_injected + in_server_errors),
         "{counters}"
     );
+    let log = host.module_log("partial");
     assert!(
-        host.module_log("partial")
-            .contains("ProvisionedThroughputExceededException"),
+        log.contains("ProvisionedThroughputExceededException"),
         "throttling is explained in the log"
     );
+    PartialOutcome {
+        out_of_order: tally.out_of_order(),
+        reordered_counted: counters["reordered"].as_u64().unwrap_or(u64::MAX),
+        overtaken_by_proxy: overtaken_keys.len() as u64,
+        overtaken_keys,
+        log,
+    }
+}
+
+/// The keys of the entries a 200 `PutRecords` answer failed while it
+/// accepted a later entry of the same key: one per such entry.
+fn overtaken_in(request: &RecordedRequest) -> Vec<String> {
+    let (Some(body), Some(answer)) = (request.body_json(), request.response_json()) else {
+        return Vec::new();
+    };
+    let (Some(entries), Some(results)) = (body["Records"].as_array(), answer["Records"].as_array())
+    else {
+        return Vec::new();
+    };
+    let mut accepted_later: BTreeSet<&str> = BTreeSet::new();
+    let mut overtaken = Vec::new();
+    for (entry, result) in entries.iter().zip(results).rev() {
+        let key = entry["PartitionKey"].as_str().unwrap_or_default();
+        if result
+            .get("ErrorCode")
+            .is_none_or(serde_json::Value::is_null)
+        {
+            accepted_later.insert(key);
+        } else if accepted_later.contains(key) {
+            overtaken.push(key.to_owned());
+        }
+    }
+    overtaken
+}
+
+/// 3c. kill -9 while a large spool drains (records published while Kinesis
+///     was unreachable): after the restart every acknowledged message lands,
+///     and only records whose answers were in flight at the kill land twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_killed_while_draining_a_large_spool_loses_nothing() {
+    const MESSAGES: u64 = 6000;
+    let _machine = machine_shared().await;
+    let bench = Bench::new("fault-drain-kill", 2).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    proxy.set_down(true);
+    let mut host = bench.ksm_via(
+        &proxy.endpoint(),
+        "ksm-fault-drain-kill",
+        &[everything("drain", &bench.stream)],
+    );
+    let publisher = LoadPublisher::start(&bench.broker.url(), plan("drain", MESSAGES, 50, 0));
+    let load = publisher.finish(Duration::from_secs(90)).await;
+    assert!(load.missing(MESSAGES).is_empty(), "every message went in");
+    host.wait_for_counters_within("drain", Duration::from_secs(60), |c| {
+        c["spool_records"] == MESSAGES
+    });
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let forwarded_at_kill = loop {
+        let forwarded = host.counters("drain")["forwarded"].as_u64().unwrap_or(0);
+        if forwarded >= MESSAGES / 4 || Instant::now() > deadline {
+            break forwarded;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    host.kill9();
+    assert!(
+        (1..MESSAGES).contains(&forwarded_at_kill),
+        "killed while draining: {forwarded_at_kill} forwarded"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    host.restart();
+    let tally = wait_for_ids(&bench, &load.acked).await;
+    report(
+        "kill -9 while draining",
+        &load.acked,
+        &tally,
+        &format!("forwarded before the kill {forwarded_at_kill}"),
+    );
+    // At most kinesis.max_in_flight (8) requests of 500 records were in flight.
+    assert!(
+        tally.duplicates() <= 8 * 500,
+        "{} duplicates: more than the records in flight at the kill",
+        tally.duplicates()
+    );
+    let after = host.wait_for_counters("drain", |c| c["spool_records"] == 0);
+    assert_eq!(after["spool_records"], 0, "the spool drains: {after}");
+    assert_eq!(after["dead_lettered"], 0, "{after}");
 }
 
 /// 4. The broker restarts (gracefully, keeping its sessions) during load:

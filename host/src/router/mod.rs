@@ -30,7 +30,7 @@ use crate::module::Module;
 use crate::runtime::Guest;
 use crate::sink::kinesis::check_record;
 use crate::source::{Message, Replay, ReplayRecord, Topic};
-use crate::spool::{Job, NewRecord, Staged};
+use crate::spool::{Job, SpoolRecord, Staged};
 use answer::{Budget, Outcome, Produced};
 
 /// One module as the router sees it.
@@ -325,12 +325,12 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
             record.explicit_hash_key.as_deref(),
             size,
         ) {
-            Ok(()) => records.push(NewRecord {
-                data: record.data,
-                partition_key: record.partition_key,
-                explicit_hash_key: record.explicit_hash_key,
-                topic: message.topic.clone(),
-            }),
+            Ok(()) => records.push(SpoolRecord::new(
+                record.data,
+                &record.partition_key,
+                record.explicit_hash_key.as_deref(),
+                message.topic.clone(),
+            )),
             Err(reason) => letters.push(DeadLetter::for_record(
                 format!(
                     "the module's component returned a record Kinesis would refuse \

@@ -1,11 +1,14 @@
 //! The sink's backlog: spooled records queued per partition key, so that a
 //! key's records reach Kinesis in order while different keys go in parallel.
 //!
-//! A PutRecords request carries at most one record per key (by default):
-//! Kinesis may fail one record of a request and accept the next, so two
-//! records of one key in one request could land out of order. A key whose
-//! record failed waits out its own backoff while other keys go on; its
-//! failed record stays at its head and is sent again before anything newer.
+//! A key's records are in at most one request at a time, taken from the
+//! head of its queue: up to `max_per_key` of them (`kinesis.ordering =
+//! "key"`: as many as a request takes; `"strict"`: one, since Kinesis may
+//! fail one record of a request and accept the next, and two records of one
+//! key in one request could then land out of order; [`overtaken`] finds
+//! those). A key whose record failed waits out its own backoff while other
+//! keys go on; its failed records stay at its head and are sent again
+//! before anything newer.
 //!
 //! Each key also has a cap on the size of the requests it may travel in.
 //! A request-level server error cannot be pinned on one record of a
@@ -93,8 +96,6 @@ pub struct Backlog {
     waiting: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     max_per_key: usize,
     records: usize,
-    memory: usize,
-    memory_budget: usize,
     /// The failures of records that failed at least once, by spool seq.
     tracks: HashMap<u64, Track>,
     /// How the requests have gone so far, to tell whether others went
@@ -105,18 +106,15 @@ pub struct Backlog {
 
 impl Backlog {
     /// An empty backlog sending up to `max_per_key` records of a key per
-    /// request, holding at most `memory_budget` bytes of data in memory
-    /// (the rest is read back from the spool when sent), and giving up a
-    /// record Kinesis keeps failing within `limits`.
-    pub fn new(max_per_key: usize, memory_budget: usize, limits: RetryLimits) -> Self {
+    /// request, and giving up a record Kinesis keeps failing within
+    /// `limits`.
+    pub fn new(max_per_key: usize, limits: RetryLimits) -> Self {
         Self {
             keys: HashMap::new(),
             ready: VecDeque::new(),
             waiting: BinaryHeap::new(),
             max_per_key: max_per_key.max(1),
             records: 0,
-            memory: 0,
-            memory_budget,
             tracks: HashMap::new(),
             health: Health::default(),
             limits,
@@ -134,14 +132,7 @@ impl Backlog {
     }
 
     /// Queues a record behind the earlier ones of its key.
-    pub fn push(&mut self, mut record: SpoolRecord) {
-        if let Some(data) = &record.data {
-            if self.memory + data.len() > self.memory_budget {
-                record.data = None;
-            } else {
-                self.memory += data.len();
-            }
-        }
+    pub fn push(&mut self, record: SpoolRecord) {
         self.records += 1;
         let key = record.partition_key.clone();
         match self.keys.get_mut(&key) {
@@ -326,27 +317,32 @@ impl Backlog {
     ) {
         let mut failed_keys: HashSet<&Arc<str>> = HashSet::new();
         let mut keys: Vec<&Arc<str>> = Vec::new();
-        let mut seen: HashSet<&Arc<str>> = HashSet::new();
+        // A key's records in a request are the head of its queue, in order.
+        let mut taken: HashMap<&Arc<str>, Vec<bool>> = HashMap::new();
         for (record, done) in records.iter().zip(done) {
             let key = &record.partition_key;
-            if seen.insert(key) {
+            let marks = taken.entry(key).or_insert_with(|| {
                 keys.push(key);
-            }
-            let Some(queue) = self.keys.get_mut(key) else {
-                continue;
-            };
+                Vec::new()
+            });
+            marks.push(*done);
             if *done {
                 self.tracks.remove(&record.seq);
-                if let Some(position) = queue.records.iter().position(|r| r.seq == record.seq)
-                    && let Some(removed) = queue.records.remove(position)
-                {
-                    self.records -= 1;
-                    if let Some(data) = &removed.data {
-                        self.memory -= data.len();
-                    }
-                }
             } else {
                 failed_keys.insert(key);
+            }
+        }
+        for (key, marks) in &taken {
+            let Some(queue) = self.keys.get_mut(*key) else {
+                continue;
+            };
+            let head: Vec<SpoolRecord> = queue.records.drain(..marks.len()).collect();
+            for (record, done) in head.into_iter().zip(marks).rev() {
+                if *done {
+                    self.records -= 1;
+                } else {
+                    queue.records.push_front(record);
+                }
             }
         }
         for key in keys {
@@ -376,6 +372,27 @@ impl Backlog {
     }
 }
 
+/// The records of an answered request that Kinesis failed (and that are
+/// sent again) while it accepted a later record of their key in it: they
+/// land after that record.
+pub fn overtaken<'a>(records: &'a [SpoolRecord], verdicts: &[Verdict]) -> Vec<&'a SpoolRecord> {
+    let mut accepted_later: HashSet<&Arc<str>> = HashSet::new();
+    let mut overtaken = Vec::new();
+    for (record, verdict) in records.iter().zip(verdicts).rev() {
+        match verdict {
+            Verdict::Accepted => {
+                accepted_later.insert(&record.partition_key);
+            }
+            Verdict::Retry if accepted_later.contains(&record.partition_key) => {
+                overtaken.push(record);
+            }
+            Verdict::Retry | Verdict::DeadLetter(_) => {}
+        }
+    }
+    overtaken.reverse();
+    overtaken
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,7 +411,7 @@ mod tests {
             hash_key: 0,
             topic: "/devices/1/event".into(),
             size: 10 + key.len(),
-            data: Some(bytes::Bytes::from(vec![0u8; 10])),
+            data: bytes::Bytes::from(vec![0u8; 10]),
         }
     }
 
@@ -408,7 +425,7 @@ mod tests {
 
     #[test]
     fn one_record_per_key_per_request_in_order() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for (seq, key) in [(1, "a"), (2, "a"), (3, "b"), (4, "a"), (5, "b")] {
             backlog.push(record(seq, key));
         }
@@ -428,7 +445,7 @@ mod tests {
 
     #[test]
     fn a_failed_record_is_resent_before_its_key_moves_on_and_others_do_not_wait() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for (seq, key) in [(1, "a"), (2, "a"), (3, "b"), (4, "b")] {
             backlog.push(record(seq, key));
         }
@@ -450,7 +467,7 @@ mod tests {
 
     #[test]
     fn several_records_per_key_when_allowed_and_partial_success_keeps_the_rest() {
-        let mut backlog = Backlog::new(3, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(3, LIMITS);
         for seq in 1..=5 {
             backlog.push(record(seq, "a"));
         }
@@ -465,7 +482,7 @@ mod tests {
 
     #[test]
     fn pacing_holds_records_back_and_reports_the_wait() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         backlog.push(record(1, "a"));
         backlog.push(record(2, "b"));
         let now = Instant::now();
@@ -483,7 +500,7 @@ mod tests {
 
     #[test]
     fn requests_stay_within_kinesis_limits() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for seq in 0..1201 {
             backlog.push(record(seq, &format!("k{seq}")));
         }
@@ -493,7 +510,7 @@ mod tests {
             .collect();
         assert_eq!(sizes, [500, 500, 201]);
 
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for seq in 0..6 {
             let mut big = record(seq, &format!("k{seq}"));
             big.size = 1024 * 1024;
@@ -503,13 +520,57 @@ mod tests {
     }
 
     #[test]
-    fn data_beyond_the_memory_budget_is_left_on_disk() {
-        let mut backlog = Backlog::new(1, 15, LIMITS);
-        backlog.push(record(1, "a"));
-        backlog.push(record(2, "b"));
-        let batch = backlog.next_batch(Instant::now(), no_pacing);
-        assert!(batch.records[0].data.is_some());
-        assert!(batch.records[1].data.is_none());
+    fn a_failed_record_overtaken_by_a_later_one_of_its_key_is_found() {
+        let records: Vec<SpoolRecord> = [(1, "a"), (2, "a"), (3, "a"), (4, "b"), (5, "c")]
+            .into_iter()
+            .map(|(seq, key)| record(seq, key))
+            .collect();
+        let dead = Verdict::DeadLetter("x".into());
+        let verdicts = [
+            Verdict::Retry,
+            Verdict::Accepted,
+            Verdict::Retry,
+            Verdict::Retry,
+            dead,
+        ];
+        let found: Vec<u64> = overtaken(&records, &verdicts)
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(
+            found,
+            [1],
+            "3 is last of its key; b and c have no later record"
+        );
+        let all_failed = vec![Verdict::Retry; 5];
+        assert!(overtaken(&records, &all_failed).is_empty());
+    }
+
+    #[test]
+    fn in_key_order_a_key_fills_a_request_and_failed_records_keep_their_place() {
+        let mut backlog = Backlog::new(MAX_RECORDS_PER_REQUEST, LIMITS);
+        for seq in 1..=600 {
+            backlog.push(record(seq, "busy"));
+        }
+        backlog.push(record(1000, "quiet"));
+        let now = Instant::now();
+        let first = backlog.next_batch(now, no_pacing);
+        assert_eq!(first.records.len(), 500);
+        assert_eq!(seqs(&first)[..3], [1, 2, 3]);
+        let second = backlog.next_batch(now, no_pacing);
+        assert_eq!(seqs(&second), [1000], "busy is in flight");
+        let done: Vec<bool> = (1..=500).map(|seq| seq % 100 != 7).collect();
+        backlog.complete(&first.records, &done, now, |_| Duration::ZERO);
+        assert_eq!(backlog.len(), 100 + 5 + 1);
+        let again = backlog.next_batch(now, no_pacing);
+        let again = seqs(&again);
+        assert_eq!(
+            again[..5],
+            [7, 107, 207, 307, 407],
+            "failed first, in order"
+        );
+        assert_eq!(again[5], 501);
+        assert_eq!(again.len(), 105);
     }
 
     fn server_error() -> Failure {
@@ -546,7 +607,7 @@ mod tests {
         fn new(limits: RetryLimits) -> Self {
             let now = Instant::now();
             Self {
-                backlog: Backlog::new(1, usize::MAX, limits),
+                backlog: Backlog::new(1, limits),
                 start: now,
                 now,
                 requests: Vec::new(),
@@ -925,7 +986,7 @@ mod tests {
 
     #[test]
     fn a_server_error_halves_the_keys_caps_and_a_success_restores_them() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for (seq, key) in [(1, "a"), (2, "b"), (3, "c"), (4, "d"), (5, "e")] {
             backlog.push(record(seq, key));
         }
@@ -957,7 +1018,7 @@ mod tests {
 
     #[test]
     fn a_refused_request_sends_its_records_alone_and_the_refused_one_is_a_dead_letter() {
-        let mut backlog = Backlog::new(1, usize::MAX, LIMITS);
+        let mut backlog = Backlog::new(1, LIMITS);
         for (seq, key) in [(1, "a"), (2, "b"), (3, "c")] {
             backlog.push(record(seq, key));
         }

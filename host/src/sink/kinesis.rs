@@ -2,11 +2,17 @@
 //! retries what fails (only what fails), and removes from the spool what
 //! Kinesis accepted.
 //!
-//! Ordering: records wait in a [`Backlog`] per partition key, and a request
-//! carries one record per key, so a key's records reach the stream in order
-//! even when Kinesis fails some records of a request. Per-shard pacing
-//! ([`super::shards`]) keeps each shard under its write limits, so throttling
-//! is the exception.
+//! Records come from the spool through a bounded window ([`SpoolReader`]),
+//! wait in a [`Backlog`] per partition key, and go out in up to
+//! `kinesis.max_in_flight` requests at once; a key's records are in at most
+//! one request at a time, in order. With `kinesis.ordering = "key"` a
+//! request carries many records of a key: when Kinesis fails one and
+//! accepts a later one of its key, the failed one lands after it, counted
+//! as `reordered` and logged. With `"strict"` a request carries one record
+//! per key, so order holds even then. Per-shard pacing ([`super::shards`])
+//! keeps each shard under its write limits, so throttling is the exception.
+//! Waiting (pacing, backoff, a full window) sleeps until the next deadline
+//! or answer.
 //!
 //! Retries end only for a record Kinesis keeps failing while others go
 //! through ([`super::retry`]): it becomes a dead letter so that its key's
@@ -23,28 +29,32 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::config::{Region, SharedCredentialsProvider};
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_kinesis::operation::put_records::PutRecordsError;
+use aws_sdk_kinesis::operation::put_records::{PutRecordsError, PutRecordsOutput};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::backlog::{Answer, Backlog, Batch, Verdict};
+use super::backlog::{Answer, Backlog, Batch, MAX_RECORDS_PER_REQUEST, Verdict, overtaken};
 use super::retry::{Failure, FailureKind, RetryLimits};
 use super::shards::{self, ShardMap, ShardPacer};
 use crate::activity::{Counters, Level};
-use crate::config::{KinesisConfig, ModuleConfig};
+use crate::config::{KinesisConfig, ModuleConfig, Ordering};
 use crate::dead_letter::DeadLetter;
 use crate::module::Module;
-use crate::spool::SpoolRecord;
+use crate::spool::{SpoolReader, SpoolRecord};
 
 /// Most bytes one record may carry, data plus partition key.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// Partition keys are 1 to 256 Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
-/// Record data held in memory per module; the rest is read from the spool.
-const MEMORY_BUDGET: usize = 64 * 1024 * 1024;
+/// Most bytes of records in flight per module before no more requests
+/// start (one request always may).
+const MAX_BYTES_IN_FLIGHT: usize = 16 * 1024 * 1024;
+/// Shortest sleep of a sink that pacing holds back.
+const PACED_MIN_WAIT: Duration = Duration::from_millis(5);
 /// How often the shard map is listed again at most.
 const SHARD_REFRESH_MIN: Duration = Duration::from_secs(5);
 /// How often the shard map is listed again anyway (to notice resharding).
@@ -245,48 +255,78 @@ struct Shards {
     listed_at: Instant,
 }
 
+/// A request that came back: its records and what Kinesis answered.
+struct Answered {
+    records: Vec<SpoolRecord>,
+    bytes: usize,
+    result: Result<PutRecordsOutput, SdkError<PutRecordsError>>,
+}
+
 /// One module's sink task.
 pub struct KinesisSink {
     client: Client,
     module: Arc<Module>,
     config: KinesisConfig,
     input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
+    reader: SpoolReader,
     backlog: Backlog,
     shards: Option<Shards>,
     shards_stale: bool,
     shards_tried_at: Option<Instant>,
     /// Consecutive request-level failures, for the sink-wide backoff.
     failures: u32,
+    /// Requests sent and not yet answered.
+    in_flight: JoinSet<Answered>,
+    /// Their bytes and records.
+    in_flight_bytes: usize,
+    in_flight_records: usize,
+    /// When the last request started.
+    last_start: Instant,
+    /// No request starts before this (a request as a whole failed).
+    paused_until: Option<Instant>,
+    /// No request starts before this (pacing held records back).
+    paced_until: Option<Instant>,
 }
 
 impl KinesisSink {
-    /// A sink for the module's stream, starting with what `recovered` holds
-    /// (left in the spool by an earlier run) and then taking what arrives
-    /// on `input`.
+    /// A sink for the module's stream, reading its spool through `reader`
+    /// (first what an earlier run left, then what arrives on `input`).
     pub fn new(
         client: Client,
         module: Arc<Module>,
         config: KinesisConfig,
-        recovered: Vec<SpoolRecord>,
+        reader: SpoolReader,
         input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     ) -> Self {
-        let mut backlog = Backlog::new(1, MEMORY_BUDGET, RetryLimits::from_config(&config));
-        recovered.into_iter().for_each(|r| backlog.push(r));
+        let per_key = match config.ordering {
+            Ordering::Key => MAX_RECORDS_PER_REQUEST,
+            Ordering::Strict => 1,
+        };
+        let backlog = Backlog::new(per_key, RetryLimits::from_config(&config));
         Self {
             client,
             module,
             config,
             input,
+            reader,
             backlog,
             shards: None,
             shards_stale: true,
             shards_tried_at: None,
             failures: 0,
+            in_flight: JoinSet::new(),
+            in_flight_bytes: 0,
+            in_flight_records: 0,
+            last_start: Instant::now(),
+            paused_until: None,
+            paced_until: None,
         }
     }
 
-    /// Runs until the input closes and the backlog is empty, or until `stop`
+    /// Runs until the input closes and the spool is empty, or until `stop`
     /// turns true; what is left stays in the spool for the next run.
+    /// Stopping abandons the requests in flight: their records stay in the
+    /// spool (and may land twice if Kinesis had taken them).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let mut open = true;
         let mut linger_until: Option<Instant> = None;
@@ -298,12 +338,13 @@ impl KinesisSink {
             while let Ok(records) = self.input.try_recv() {
                 self.take(records, &mut linger_until, linger);
             }
-            if self.backlog.is_empty() {
-                if !open {
+            self.refill();
+            if self.backlog.is_empty() && self.in_flight.is_empty() {
+                if !open && !self.reader.has_more_on_disk() {
                     break;
                 }
                 tokio::select! {
-                    records = self.input.recv() => match records {
+                    records = self.input.recv(), if open => match records {
                         Some(records) => self.take(records, &mut linger_until, linger),
                         None => open = false,
                     },
@@ -314,7 +355,8 @@ impl KinesisSink {
             // Give a batch a moment to fill after a quiet spell.
             if let Some(until) = linger_until
                 && open
-                && self.backlog.len() < super::backlog::MAX_RECORDS_PER_REQUEST
+                && self.in_flight.is_empty()
+                && self.backlog.len() < MAX_RECORDS_PER_REQUEST
                 && Instant::now() < until
             {
                 tokio::select! {
@@ -328,45 +370,81 @@ impl KinesisSink {
                 continue;
             }
             linger_until = None;
-            self.refresh_shards().await;
-            let batch = self.next_batch();
-            if batch.records.is_empty() {
+            let now = Instant::now();
+            let mut wake = [
+                self.paused_until,
+                self.paced_until,
+                self.next_partial(linger),
+            ]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min();
+            if wake.is_none() && self.has_window() {
+                self.paused_until = None;
+                self.paced_until = None;
+                self.refresh_shards().await;
+                let batch = self.next_batch();
+                if let Some(wait) = batch.paced_for {
+                    // Held back by pacing: sleep for a while rather than
+                    // wake for every token.
+                    self.paced_until = Some(now + wait.max(linger).max(PACED_MIN_WAIT));
+                }
+                if !batch.records.is_empty() {
+                    if batch.records.len() >= MAX_RECORDS_PER_REQUEST {
+                        self.paced_until = None;
+                    }
+                    self.start(batch.records);
+                    continue;
+                }
                 let retry = self.backlog.next_retry().map(Instant::from_std);
-                let paced = batch.paced_for.map(|wait| Instant::now() + wait);
-                let wake = [retry, paced].into_iter().flatten().min();
-                let wake = wake.unwrap_or_else(|| Instant::now() + Duration::from_millis(100));
-                tokio::select! {
-                    records = self.input.recv(), if open => match records {
-                        Some(records) => self.take(records, &mut linger_until, linger),
-                        None => open = false,
-                    },
-                    _ = tokio::time::sleep_until(wake) => {}
-                    _ = stop.changed() => {}
-                }
-                continue;
+                wake = [retry, self.paced_until].into_iter().flatten().min();
             }
-            // Stopping abandons a request in flight: its records stay in the
-            // spool (and may land twice if Kinesis had taken them).
-            let pause = tokio::select! {
-                pause = self.send(batch.records) => pause,
-                _ = stop.changed() => break,
-            };
-            if let Some(pause) = pause {
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.changed() => {}
+            // With nothing in flight and nothing to wait for, look again
+            // in a while (a key's backoff may be all that holds it).
+            if wake.is_none() && self.in_flight.is_empty() {
+                wake = Some(now + Duration::from_millis(100));
+            }
+            tokio::select! {
+                records = self.input.recv(), if open => match records {
+                    Some(records) => self.take(records, &mut linger_until, linger),
+                    None => open = false,
+                },
+                Some(answered) = self.in_flight.join_next(), if !self.in_flight.is_empty() => {
+                    match answered {
+                        Ok(answered) => self.answered(answered),
+                        Err(error) => tracing::error!("a PutRecords task failed: {error}"),
+                    }
                 }
+                _ = sleep_until_or_never(wake) => {}
+                _ = stop.changed() => {}
             }
         }
-        if !self.backlog.is_empty() {
+        let (records, _) = self.module.spool.len();
+        if records > 0 {
             self.module.log.write(
                 Level::Info,
                 format!(
-                    "stopping with {} records in the spool; they are sent after the restart",
-                    self.backlog.len()
+                    "stopping with {records} records in the spool; they are sent after the restart"
                 ),
             );
         }
+    }
+
+    /// When another request that may not be full can start beside those in
+    /// flight: a linger after the last one started (full requests go at
+    /// once), so that requests stay large while the sink keeps up.
+    fn next_partial(&self, linger: Duration) -> Option<Instant> {
+        let queued = self.backlog.len().saturating_sub(self.in_flight_records);
+        (!self.in_flight.is_empty() && queued < MAX_RECORDS_PER_REQUEST)
+            .then(|| self.last_start + linger)
+    }
+
+    /// True while another request may start: fewer than
+    /// `kinesis.max_in_flight` in flight, within the bytes in flight.
+    fn has_window(&self) -> bool {
+        self.in_flight.len() < self.config.max_in_flight
+            && (self.in_flight.is_empty() || self.in_flight_bytes < MAX_BYTES_IN_FLIGHT)
     }
 
     fn take(
@@ -375,10 +453,29 @@ impl KinesisSink {
         linger_until: &mut Option<Instant>,
         linger: Duration,
     ) {
+        let records = self.reader.offer(records);
+        if records.is_empty() {
+            return;
+        }
         if self.backlog.is_empty() && !linger.is_zero() {
             *linger_until = Some(Instant::now() + linger);
         }
         records.into_iter().for_each(|r| self.backlog.push(r));
+    }
+
+    /// Reads the spool's next groups back from disk once there is room.
+    fn refill(&mut self) {
+        if !self.reader.wants_refill() {
+            return;
+        }
+        match self.reader.refill(&self.module.spool) {
+            Ok(records) => records.into_iter().for_each(|r| self.backlog.push(r)),
+            Err(error) => self.module.log.write_limited(
+                "store",
+                Level::Error,
+                format!("cannot read records back from the spool: {error}"),
+            ),
+        }
     }
 
     /// The next request's records, paced per shard when the map is known.
@@ -460,44 +557,61 @@ impl KinesisSink {
         }
     }
 
-    /// Sends one batch; returns how long the whole sink should pause when
-    /// the request as a whole failed.
-    async fn send(&mut self, records: Vec<SpoolRecord>) -> Option<Duration> {
-        let stream = self.module.config.stream_name.clone();
-        let mut entries = Vec::with_capacity(records.len());
-        for record in &records {
-            let data = match self.module.spool.data(record) {
-                Ok(data) => data,
-                Err(error) => {
-                    self.module.log.write_limited(
-                        "store",
-                        Level::Error,
-                        format!("cannot read a record back from the spool: {error}"),
-                    );
-                    self.complete(&records, &vec![false; records.len()]);
-                    return Some(self.backoff());
-                }
-            };
-            entries.push(
+    /// Sends one batch as a request of its own, in flight beside the others.
+    fn start(&mut self, records: Vec<SpoolRecord>) {
+        let bytes: usize = records.iter().map(|r| r.size).sum();
+        let entries = records
+            .iter()
+            .map(|record| {
                 PutRecordsRequestEntry::builder()
-                    .data(Blob::new(data.to_vec()))
+                    .data(Blob::from_maybe_shared(record.data.clone()))
                     .partition_key(&*record.partition_key)
                     .set_explicit_hash_key(record.explicit_hash_key.as_deref().map(str::to_owned))
                     .build()
-                    .expect("data and partition key are set"),
-            );
-        }
-        let result = self
+                    .expect("data and partition key are set")
+            })
+            .collect();
+        let request = self
             .client
             .put_records()
-            .stream_name(&stream)
-            .set_records(Some(entries))
-            .send()
-            .await;
-        let output = match result {
-            Ok(output) => output,
-            Err(error) => return self.request_failed(records, classify(error)),
+            .stream_name(&self.module.config.stream_name)
+            .set_records(Some(entries));
+        self.in_flight_bytes += bytes;
+        self.in_flight_records += records.len();
+        self.last_start = Instant::now();
+        self.in_flight.spawn(async move {
+            let result = request.send().await;
+            Answered {
+                records,
+                bytes,
+                result,
+            }
+        });
+    }
+
+    /// Settles a request that came back.
+    fn answered(&mut self, answered: Answered) {
+        let Answered {
+            records,
+            bytes,
+            result,
+        } = answered;
+        self.in_flight_bytes -= bytes;
+        self.in_flight_records -= records.len();
+        let pause = match result {
+            Ok(output) => self.put(records, &output),
+            Err(error) => self.request_failed(records, classify(error)),
         };
+        if let Some(pause) = pause {
+            let until = Instant::now() + pause;
+            self.paused_until = Some(self.paused_until.map_or(until, |at| at.max(until)));
+        }
+    }
+
+    /// Settles the records of a 200 answer; returns how long the whole sink
+    /// should pause if the answer cannot be read.
+    fn put(&mut self, records: Vec<SpoolRecord>, output: &PutRecordsOutput) -> Option<Duration> {
+        let stream = self.module.config.stream_name.clone();
         let results = output.records();
         if results.len() != records.len() {
             let error = PutError::Unreachable(format!(
@@ -544,13 +658,14 @@ impl KinesisSink {
         let verdicts = self
             .backlog
             .settle(&records, Answer::Entries(&failures), now);
+        self.note_overtaken(&records, &verdicts);
         let accepted: Vec<(u64, usize)> = records
             .iter()
             .zip(&verdicts)
             .filter(|(_, verdict)| **verdict == Verdict::Accepted)
             .map(|(record, _)| (record.seq, record.size))
             .collect();
-        if let Err(error) = self.module.spool.remove(&accepted) {
+        if let Err(error) = self.reader.settle(&self.module.spool, &accepted) {
             self.module.log.write_limited(
                 "store",
                 Level::Error,
@@ -586,6 +701,30 @@ impl KinesisSink {
         let done = self.give_up(&records, &verdicts);
         self.complete(&records, &done);
         None
+    }
+
+    /// Counts and logs the records Kinesis failed while it accepted a later
+    /// record of their key in the same request: they land after it.
+    fn note_overtaken(&self, records: &[SpoolRecord], verdicts: &[Verdict]) {
+        let overtaken = overtaken(records, verdicts);
+        let Some(first) = overtaken.first() else {
+            return;
+        };
+        Counters::add(&self.module.counters.reordered, overtaken.len() as u64);
+        let others = match overtaken.len() {
+            1 => String::new(),
+            n => format!(" ({} more records of this or other keys too)", n - 1),
+        };
+        self.module.log.write_limited(
+            "reordered",
+            Level::Warn,
+            format!(
+                "Kinesis failed a record of partition key `{}` and accepted a later one of the \
+                 same key in the same request: the failed record is sent again and lands after \
+                 it{others}. Set kinesis.ordering = \"strict\" if order must hold even then",
+                first.partition_key
+            ),
+        );
     }
 
     fn complete(&mut self, records: &[SpoolRecord], done: &[bool]) {
@@ -685,13 +824,12 @@ impl KinesisSink {
         let letters: Vec<DeadLetter> = records
             .iter()
             .map(|record| {
-                let data = self.module.spool.data(record).unwrap_or_default();
                 DeadLetter::for_record(
                     reason,
                     &record.topic,
                     &record.partition_key,
                     record.explicit_hash_key.as_deref(),
-                    data,
+                    record.data.clone(),
                 )
             })
             .collect();
@@ -699,9 +837,9 @@ impl KinesisSink {
         let count = letters.len() as u64;
         let removed: Vec<(u64, usize)> = records.iter().map(|r| (r.seq, r.size)).collect();
         let module = &self.module;
-        let result = module
-            .spool
-            .remove_with(&removed, |batch| module.dead_letters.stage(batch, letters));
+        let result = self.reader.settle_with(&module.spool, &removed, |batch| {
+            module.dead_letters.stage(batch, letters)
+        });
         match result {
             Ok(()) => {
                 Counters::add(&module.counters.dead_lettered, count);
@@ -725,6 +863,14 @@ impl KinesisSink {
             self.config.retry_base_ms,
             self.config.retry_max_ms,
         )
+    }
+}
+
+/// Sleeps until `at`, or for ever without it.
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
