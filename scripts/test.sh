@@ -45,7 +45,7 @@ step "benches: build them and run each briefly, so they keep working (figures: B
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench guest_stage \
     -- --warm-up-time 0.2 --measurement-time 0.5
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench e2e \
-    -- --seconds 2 --warmup 1
+    -- --seconds 2 --warmup 1 --drain-records 20000,100000
 
 step "conformance: the JavaScript guest (examples/guest-js)"
 bash scripts/build-js-guest.sh

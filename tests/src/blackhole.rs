@@ -17,13 +17,18 @@
 //! latency a benchmark reports. `GET /stats` returns the counters and latency percentiles as
 //! JSON; `POST /reset` zeroes them.
 //!
+//! [`BlackholeKinesis::with_delay`] models the round trip to a real Kinesis: every `PutRecords`
+//! answer waits that long (after the request is counted) on its own task, so requests on
+//! separate connections overlap, as they do against Kinesis. `ListShards`, `/stats` and
+//! `/reset` answer at once.
+//!
 //! Run it in a process of its own ([`BlackholeKinesis::serve`]) so that its CPU time is not
 //! counted as ksm's or the load generator's.
 
 use std::convert::Infallible;
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -99,6 +104,8 @@ impl Counters {
 pub struct BlackholeKinesis {
     shards: Vec<Shard>,
     counters: Mutex<Counters>,
+    /// How long each `PutRecords` answer waits: the modelled round trip.
+    delay: Duration,
 }
 
 struct Shard {
@@ -140,7 +147,15 @@ impl BlackholeKinesis {
         BlackholeKinesis {
             shards,
             counters: Mutex::new(Counters::default()),
+            delay: Duration::ZERO,
         }
+    }
+
+    /// Answers each `PutRecords` `delay` after it arrived (none by default), without holding
+    /// up other connections' requests meanwhile.
+    pub fn with_delay(mut self, delay: Duration) -> BlackholeKinesis {
+        self.delay = delay;
+        self
     }
 
     /// Serves HTTP/1.1 on `listener` until the process ends, on a current-thread runtime.
@@ -203,7 +218,14 @@ impl BlackholeKinesis {
             .and_then(|target| target.rsplit('.').next())
             .unwrap_or_default();
         match operation {
-            "PutRecords" => self.put_records(&body),
+            "PutRecords" => {
+                let answer = self.put_records(&body);
+                // Not even a zero sleep without a delay: the timer would add up to a millisecond.
+                if !self.delay.is_zero() {
+                    tokio::time::sleep(self.delay).await;
+                }
+                answer
+            }
             "ListShards" => self.list_shards(),
             other => error(
                 StatusCode::BAD_REQUEST,
@@ -344,7 +366,60 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response<Full<Bytes>>
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::time::Instant;
+
     use super::*;
+
+    /// Sends one Kinesis request (`Connection: close`) to the blackhole on `port` and returns
+    /// the whole answer.
+    fn call(port: u16, operation: &str, body: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            stream,
+            "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             X-Amz-Target: Kinesis_20131202.{operation}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    }
+
+    #[test]
+    fn a_delayed_answer_holds_up_no_other_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delay = Duration::from_millis(300);
+        let blackhole = BlackholeKinesis::new(2).with_delay(delay);
+        std::thread::spawn(move || blackhole.serve(listener));
+        let started = Instant::now();
+        let requests: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    call(
+                        port,
+                        "PutRecords",
+                        r#"{"Records":[{"Data":"eA==","PartitionKey":"1"}]}"#,
+                    )
+                })
+            })
+            .collect();
+        for request in requests {
+            let answer = request.join().unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        let elapsed = started.elapsed();
+        // One after the other, the four would take 1.2 s.
+        assert!(
+            elapsed >= delay && elapsed < 3 * delay,
+            "four requests in {elapsed:?}"
+        );
+        let started = Instant::now();
+        assert!(call(port, "ListShards", "{}").contains("shardId-000000000001"));
+        assert!(started.elapsed() < delay, "ListShards waited");
+    }
 
     #[test]
     fn reads_send_times_from_bulk_and_event_records() {

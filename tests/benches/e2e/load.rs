@@ -24,8 +24,9 @@ const MAX_IN_FLIGHT: u64 = 1000;
 const MAX_QUEUED_AT_BROKER: u64 = 800;
 /// Bytes a publisher gathers before it writes them to the socket.
 const WRITE_CHUNK: usize = 64 * 1024;
-/// Records per bulk message, and bytes per bulk record.
+/// Records per bulk message, per big bulk message, and bytes per bulk record.
 pub const BULK_RECORDS: usize = 100;
+const BIG_BULK_RECORDS: usize = 1000;
 const BULK_RECORD_BYTES: usize = 200;
 /// Filler that brings an event's MODE Event JSON to about 200 bytes.
 const EVENT_PAD: &str = "ksm-bench-ksm-bench-ksm-bench-ksm";
@@ -41,6 +42,8 @@ pub enum Shape {
     Events,
     /// A bulk data payload of 100 records of 200 bytes.
     Bulk,
+    /// A bulk data payload of 1000 records of 200 bytes (fills a spool with few messages).
+    BigBulk,
 }
 
 impl Shape {
@@ -49,6 +52,7 @@ impl Shape {
         match self {
             Shape::Events => 1,
             Shape::Bulk => BULK_RECORDS as u64,
+            Shape::BigBulk => BIG_BULK_RECORDS as u64,
         }
     }
 
@@ -57,13 +61,14 @@ impl Shape {
         match self {
             Shape::Events => "events",
             Shape::Bulk => "bulk 100×200 B",
+            Shape::BigBulk => "bulk 1000×200 B",
         }
     }
 
     fn topic(self, device: u64) -> String {
         match self {
             Shape::Events => format!("/devices/{device}/event"),
-            Shape::Bulk => format!("/devices/{device}/bulkData/{BULK_LABEL}"),
+            Shape::Bulk | Shape::BigBulk => format!("/devices/{device}/bulkData/{BULK_LABEL}"),
         }
     }
 }
@@ -79,9 +84,9 @@ impl Payloads {
     fn new(shape: Shape) -> Self {
         let mut bulk = Vec::new();
         let mut stamps = Vec::new();
-        if shape == Shape::Bulk {
+        if shape != Shape::Events {
             bulk.extend_from_slice(&[0xa3, b'1', b'.', b'0']);
-            for _ in 0..BULK_RECORDS {
+            for _ in 0..shape.records_per_message() {
                 bulk.extend_from_slice(&[0xc4, BULK_RECORD_BYTES as u8]);
                 bulk.extend_from_slice(BULK_MARK);
                 stamps.push(bulk.len());
@@ -106,7 +111,7 @@ impl Payloads {
                 )
                 .expect("writing to a Vec cannot fail");
             }
-            Shape::Bulk => {
+            Shape::Bulk | Shape::BigBulk => {
                 for &at in &self.stamps {
                     self.bulk[at..at + 8].copy_from_slice(&now.to_le_bytes());
                 }
@@ -143,8 +148,9 @@ pub enum Pace {
 }
 
 /// What publishers and the main thread share.
-#[derive(Default)]
 struct Shared {
+    /// Messages to publish in all; publishers idle once they are out, until stopped.
+    limit: u64,
     published: AtomicU64,
     taken: AtomicU64,
     delivered_records: AtomicU64,
@@ -159,9 +165,27 @@ pub struct Load {
 
 impl Load {
     /// Starts `publishers` connections publishing `shape` messages from `devices` devices
-    /// (IDs from 1) to the broker on `port`.
+    /// (IDs from 1) to the broker on `port`, until stopped.
     pub fn start(port: u16, shape: Shape, pace: Pace, publishers: usize, devices: u64) -> Load {
-        let shared = Arc::new(Shared::default());
+        Load::start_limited(port, shape, pace, publishers, devices, u64::MAX)
+    }
+
+    /// Like [`Load::start`], publishing `messages` messages in all.
+    pub fn start_limited(
+        port: u16,
+        shape: Shape,
+        pace: Pace,
+        publishers: usize,
+        devices: u64,
+        messages: u64,
+    ) -> Load {
+        let shared = Arc::new(Shared {
+            limit: messages,
+            published: AtomicU64::new(0),
+            taken: AtomicU64::new(0),
+            delivered_records: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
         let started = Instant::now();
         let threads = (0..publishers)
             .map(|index| {
@@ -256,11 +280,22 @@ impl Publisher {
                 std::thread::sleep(wait.min(Duration::from_millis(1)));
                 continue;
             }
+            let reserved =
+                shared
+                    .published
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |published| {
+                        (published < shared.limit).then_some(published + 1)
+                    });
+            if reserved.is_err() {
+                // Every message is out: wait to be stopped.
+                flush(&mut stream, &mut out)?;
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             packet_id = packet_id.checked_add(1).unwrap_or(1);
             let topic = self.shape.topic(1 + seq % self.devices);
             wire::put_publish(&mut out, &topic, packet_id, payloads.build(seq));
             sent += 1;
-            shared.published.fetch_add(1, Ordering::Relaxed);
             if out.len() >= WRITE_CHUNK {
                 flush(&mut stream, &mut out)?;
             }
