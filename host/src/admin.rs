@@ -47,14 +47,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::WeakSender;
 use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use crate::ack::Settlement;
 use crate::activity::{CounterSnapshot, Level, LogEntry};
-use crate::components::{ComponentInfo, Components, ReloadOutcome};
-use crate::dead_letter::{DeadLetter, PAGE_DATA_BYTES, Pending};
-use crate::inflight::{Charge, InFlight};
-use crate::module::Module;
-use crate::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
+use crate::components::{Components, ReloadOutcome};
+use crate::module::{ComponentInfo, Module};
+use crate::pipeline::ack::Settlement;
+use crate::pipeline::inflight::{Charge, InFlight};
+use crate::pipeline::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
 use crate::store::StoreError;
+use crate::store::dead_letter::{DeadLetter, PAGE_DATA_BYTES, Pending};
 
 /// Dead letters a listing page holds when the request gives no `limit`.
 const DEFAULT_PAGE_LETTERS: u64 = 100;
@@ -500,7 +500,7 @@ fn replay_message(
         });
     let owner = module.clone();
     let id = letter.id;
-    let on_settled: crate::ack::OnSettled = Box::new(move || {
+    let on_settled: crate::pipeline::ack::OnSettled = Box::new(move || {
         if let Err(error) = owner.dead_letters.purge(Some(&[id])) {
             owner.log.write(
                 Level::Error,

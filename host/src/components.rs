@@ -22,28 +22,8 @@ use crate::activity::Level;
 use crate::bindings::types::{DeviceContext, HomeContext, ModuleSettings};
 use crate::clock;
 use crate::config::ModuleConfig;
-use crate::module::Module;
+use crate::module::{ComponentInfo, Module};
 use crate::runtime::{Guest, GuestEngine, RuntimeError};
-
-/// Which component a module runs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ComponentInfo {
-    /// The component file.
-    pub path: PathBuf,
-    /// SHA-256 of its content, hex.
-    pub sha256: String,
-    /// When it was loaded, RFC 3339 UTC.
-    pub loaded_at: String,
-    /// How long loading, configuring and checking took, milliseconds.
-    pub load_ms: u64,
-}
-
-impl ComponentInfo {
-    /// The first 12 hex digits of the hash, for logs.
-    pub fn short_hash(&self) -> &str {
-        self.sha256.get(..12).unwrap_or(&self.sha256)
-    }
-}
 
 /// New guests for some modules, switched in by the router before the next
 /// message.

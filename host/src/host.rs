@@ -20,16 +20,17 @@ use tokio::task::JoinHandle;
 use crate::activity::Level;
 use crate::components::{ComponentError, Components};
 use crate::config::Config;
-use crate::crash_guard::{CrashGuard, GuardError};
-use crate::inflight::InFlight;
 use crate::module::Module;
-use crate::router::answer::Budget;
-use crate::router::{Route, Router};
+use crate::pipeline::commit::{CommitTarget, Committer};
+use crate::pipeline::crash_guard::{CrashGuard, GuardError};
+use crate::pipeline::inflight::InFlight;
+use crate::pipeline::route::answer::Budget;
+use crate::pipeline::route::{Route, Router};
+use crate::pipeline::sink::kinesis::{self, KinesisSink};
+use crate::pipeline::source::SourceStatus;
+use crate::pipeline::source::mqtt::MqttSource;
 use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
-use crate::sink::kinesis::{self, KinesisSink};
-use crate::source::SourceStatus;
-use crate::source::mqtt::MqttSource;
-use crate::spool::{CommitTarget, Committer, SpoolReader};
+use crate::store::spool::SpoolReader;
 use crate::store::{Store, StoreError};
 
 /// How long shutdown lets the sinks send what is spooled before it leaves
@@ -145,7 +146,7 @@ impl Host {
                 );
             }
             let sink = KinesisSink::new(
-                client,
+                Arc::new(client),
                 module.clone(),
                 config.kinesis.clone(),
                 reader,

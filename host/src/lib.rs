@@ -4,45 +4,47 @@
 //! WebAssembly component that users can replace.
 //!
 //! # Layout
-//! - [`config`]: the TOML configuration and its validation.
-//! - [`source`]: MQTT input ([`source::mqtt`]) and MODE topic names ([`source::topic`]).
-//! - [`runtime`] and [`bindings`]: the wasmtime runtime running the guest component;
-//!   [`runtime::sandbox`]: what a guest may do, and the deadline, clock and memory bounds.
-//! - [`components`]: which component each module runs; hot swap.
-//! - [`router`]: hands each message to every module's guest; [`router::answer`]: a
-//!   guest's answer checked against its budget.
-//! - [`sink`]: the Kinesis PutRecords sink ([`sink::kinesis`]).
-//! - [`ack`]: late MQTT acknowledgement once records are spooled.
-//! - [`spool`] and [`store`]: records on disk until Kinesis accepts them, in groups;
-//!   group commit; the sink's bounded window on them.
-//! - [`module`], [`activity`], [`dead_letter`]: per-module state, logs and refused data.
-//! - [`admin`] and [`admin_client`]: the admin HTTP API, and the client `ksm dead-letters` uses.
-//! - [`crash_guard`]: a message alone in flight at two abnormal exits is dead-lettered unrun.
-//! - [`inflight`]: the byte budget of messages between the broker and the store.
-//! - [`host`]: starts and stops all of the above.
-//! - [`bulk`] and [`conformance`]: bulk payload encoding and the guest conformance suite.
+//! - `config`: the TOML configuration and its validation.
+//! - `pipeline`: the data path, one stage per folder: `source` (MQTT
+//!   intake, acknowledgements, the in-flight budget), `route` (each message
+//!   to every module's guest; the one record type), `commit` (group commit,
+//!   fsync, then acknowledgements), `sink` (PutRecords: window, order,
+//!   retries, pacing; `sink::api` is the seam to Kinesis).
+//! - `store`: the fjall store on disk: the spool (`store::spool`: groups of
+//!   records and the sink's bounded window on them), dead letters, activity
+//!   logs.
+//! - `kinesis`: what Kinesis allows (record and request limits, key
+//!   checks) and the hash that picks a record's shard; a leaf.
+//! - `runtime` and `bindings`: the wasmtime runtime running the guest
+//!   component (`runtime::sandbox`: what a guest may do); `components`:
+//!   which component each module runs, hot swap.
+//! - `module` and `activity`: a module's settings, status, counters and log.
+//! - `admin` and `admin_client`: the admin HTTP API, and the client the CLI
+//!   uses; `host`: starts and stops all of the above.
+//! - `bulk` and `conformance`: bulk payload encoding and the guest
+//!   conformance suite.
+//!
+//! The public surface is what the `ksm` binary, the tests and guest authors
+//! use: the configuration, the admin API's wire types and client, dead
+//! letters as listed, the guest runtime and bindings, bulk encoding and the
+//! conformance suite.
 
-pub mod ack;
-pub mod activity;
+mod activity;
 pub mod admin;
 pub mod admin_client;
 pub mod bindings;
 pub mod bulk;
-pub mod clock;
-pub mod components;
+mod clock;
+mod components;
 pub mod config;
 pub mod conformance;
-pub mod crash_guard;
-pub mod dead_letter;
-pub mod host;
-pub mod inflight;
-pub mod module;
-pub mod router;
+mod host;
+mod kinesis;
+mod module;
+mod pipeline;
 pub mod runtime;
-pub mod sink;
-pub mod source;
-pub mod spool;
-pub mod store;
+mod store;
 
 pub use config::Config;
 pub use host::{Host, run};
+pub use store::dead_letter;

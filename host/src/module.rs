@@ -1,13 +1,15 @@
 //! A running smart module: its settings, activity, spool and dead letters,
 //! shared by the router, the committer, its Kinesis sink and the admin API.
 
+use std::path::PathBuf;
 use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
+
 use crate::activity::{ActivityLog, CounterSnapshot, Counters, Level};
-use crate::components::ComponentInfo;
 use crate::config::ModuleConfig;
-use crate::dead_letter::{DeadLetter, DeadLetterStore};
-use crate::spool::ModuleSpool;
+use crate::store::dead_letter::{DeadLetter, DeadLetterStore};
+use crate::store::spool::ModuleSpool;
 use crate::store::{Store, StoreError};
 
 /// Everything ksm knows about one module while it runs.
@@ -71,5 +73,25 @@ impl Module {
             ),
         };
         self.log.write(Level::Error, message);
+    }
+}
+
+/// Which component a module runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentInfo {
+    /// The component file.
+    pub path: PathBuf,
+    /// SHA-256 of its content, hex.
+    pub sha256: String,
+    /// When it was loaded, RFC 3339 UTC.
+    pub loaded_at: String,
+    /// How long loading, configuring and checking took, milliseconds.
+    pub load_ms: u64,
+}
+
+impl ComponentInfo {
+    /// The first 12 hex digits of the hash, for logs.
+    pub fn short_hash(&self) -> &str {
+        self.sha256.get(..12).unwrap_or(&self.sha256)
     }
 }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::group::{self, IndexEntry};
 use super::{ModuleSpool, SpoolRecord};
-use crate::dead_letter::StagedFiles;
+use crate::store::dead_letter::StagedFiles;
 use crate::store::{self, StoreError};
 
 /// What a record costs in memory beside its data: its fields, its place in
@@ -43,6 +43,7 @@ impl SpoolReader {
     }
 
     /// Memory the loaded records take.
+    #[cfg(test)]
     pub fn memory(&self) -> usize {
         self.memory
     }

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use crate::bindings::describe;
 use crate::bindings::types::{BulkOutput, KinesisRecord, Span};
 use crate::config::ComponentConfig;
-use crate::dead_letter::DeadLetter;
 use crate::runtime::CallResult;
+use crate::store::dead_letter::DeadLetter;
 
 /// What one guest call may return.
 #[derive(Debug, Clone, Copy)]

@@ -31,12 +31,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::retry::{Failure, FailureKind, Health, Place, RetryLimits, Track, counts};
-use crate::spool::SpoolRecord;
-
-/// Most records one PutRecords request may carry.
-pub const MAX_RECORDS_PER_REQUEST: usize = 500;
-/// Most bytes one PutRecords request may carry, data plus partition keys.
-pub const MAX_BYTES_PER_REQUEST: usize = 5 * 1024 * 1024;
+use crate::kinesis::{MAX_BYTES_PER_REQUEST, MAX_RECORDS_PER_REQUEST};
+use crate::store::spool::SpoolRecord;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyState {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use time::OffsetDateTime;
 
-use crate::ack::Settlement;
-use crate::inflight::Charge;
+use crate::pipeline::ack::Settlement;
+use crate::pipeline::inflight::Charge;
 pub use topic::{SUBSCRIPTIONS, Topic};
 
 /// One inbound message, on its way to every module.

@@ -24,13 +24,14 @@ use crate::bindings::types::{DeviceContext, HomeContext};
 use crate::clock;
 use crate::components::Swap;
 use crate::config::DeviceConfig;
-use crate::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
-use crate::dead_letter::DeadLetter;
+use crate::kinesis::check_record;
 use crate::module::Module;
+use crate::pipeline::commit::{Job, Staged};
+use crate::pipeline::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
+use crate::pipeline::source::{Message, Replay, ReplayRecord, Topic};
 use crate::runtime::Guest;
-use crate::sink::kinesis::check_record;
-use crate::source::{Message, Replay, ReplayRecord, Topic};
-use crate::spool::{Job, SpoolRecord, Staged};
+use crate::store::dead_letter::DeadLetter;
+use crate::store::spool::SpoolRecord;
 use answer::{Budget, Outcome, Produced};
 
 /// One module as the router sees it.
@@ -196,7 +197,7 @@ impl Router {
 
     fn route(&mut self, mut message: Message) {
         #[cfg(debug_assertions)]
-        crate::crash_guard::abort_if_marked(&message.payload);
+        crate::pipeline::crash_guard::abort_if_marked(&message.payload);
         let received_at = clock::format_rfc3339(message.received_at);
         let budget = self.budget;
         let bad_topic_owner = message

@@ -37,19 +37,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::backlog::{Answer, Backlog, Batch, MAX_RECORDS_PER_REQUEST, Verdict, overtaken};
+use super::api::KinesisApi;
+use super::backlog::{Answer, Backlog, Batch, Verdict, overtaken};
 use super::retry::{Failure, FailureKind, RetryLimits};
-use super::shards::{self, ShardMap, ShardPacer};
+use super::shards::{ShardMap, ShardPacer};
 use crate::activity::{Counters, Level};
 use crate::config::{KinesisConfig, ModuleConfig, Ordering};
-use crate::dead_letter::DeadLetter;
+use crate::kinesis::MAX_RECORDS_PER_REQUEST;
 use crate::module::Module;
-use crate::spool::{SpoolReader, SpoolRecord};
+use crate::store::dead_letter::DeadLetter;
+use crate::store::spool::{SpoolReader, SpoolRecord};
 
-/// Most bytes one record may carry, data plus partition key.
-pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
-/// Partition keys are 1 to 256 Unicode characters.
-pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 /// Most bytes of records in flight per module before no more requests
 /// start (one request always may).
 const MAX_BYTES_IN_FLIGHT: usize = 16 * 1024 * 1024;
@@ -59,38 +57,6 @@ const PACED_MIN_WAIT: Duration = Duration::from_millis(5);
 const SHARD_REFRESH_MIN: Duration = Duration::from_secs(5);
 /// How often the shard map is listed again anyway (to notice resharding).
 const SHARD_REFRESH_MAX: Duration = Duration::from_secs(60);
-
-/// Checks a record against Kinesis's own rules (`size` is data plus
-/// partition key), so one bad record never makes a whole request fail.
-pub fn check_record(
-    partition_key: &str,
-    explicit_hash_key: Option<&str>,
-    size: usize,
-) -> Result<(), String> {
-    let key_chars = partition_key.chars().count();
-    if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
-        return Err(format!(
-            "partition key has {key_chars} characters; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}"
-        ));
-    }
-    if size > MAX_RECORD_BYTES {
-        return Err(format!(
-            "record is {size} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}"
-        ));
-    }
-    // Kinesis' pattern is `0|([1-9]\d{0,38})`, within 0..2^128.
-    if let Some(key) = explicit_hash_key
-        && (!key.bytes().all(|b| b.is_ascii_digit())
-            || (key.len() > 1 && key.starts_with('0'))
-            || key.parse::<u128>().is_err())
-    {
-        let shown: String = key.chars().take(48).collect();
-        return Err(format!(
-            "explicit hash key `{shown}` is not a decimal 128-bit integer without leading zeros"
-        ));
-    }
-    Ok(())
-}
 
 /// Builds the Kinesis client of a module: region, credentials (the assumed
 /// role with its external ID, or the default chain), no SDK retries (the
@@ -264,7 +230,7 @@ struct Answered {
 
 /// One module's sink task.
 pub struct KinesisSink {
-    client: Client,
+    api: Arc<dyn KinesisApi>,
     module: Arc<Module>,
     config: KinesisConfig,
     input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
@@ -292,7 +258,7 @@ impl KinesisSink {
     /// A sink for the module's stream, reading its spool through `reader`
     /// (first what an earlier run left, then what arrives on `input`).
     pub fn new(
-        client: Client,
+        api: Arc<dyn KinesisApi>,
         module: Arc<Module>,
         config: KinesisConfig,
         reader: SpoolReader,
@@ -304,7 +270,7 @@ impl KinesisSink {
         };
         let backlog = Backlog::new(per_key, RetryLimits::from_config(&config));
         Self {
-            client,
+            api,
             module,
             config,
             input,
@@ -515,7 +481,7 @@ impl KinesisSink {
         }
         self.shards_tried_at = Some(now);
         let stream = &self.module.config.stream_name;
-        match shards::list_open_shards(&self.client, stream).await {
+        match self.api.open_shards(stream).await {
             Ok(map) => {
                 let changed = self
                     .shards
@@ -571,16 +537,12 @@ impl KinesisSink {
                     .expect("data and partition key are set")
             })
             .collect();
-        let request = self
-            .client
-            .put_records()
-            .stream_name(&self.module.config.stream_name)
-            .set_records(Some(entries));
+        let request = self.api.put(&self.module.config.stream_name, entries);
         self.in_flight_bytes += bytes;
         self.in_flight_records += records.len();
         self.last_start = Instant::now();
         self.in_flight.spawn(async move {
-            let result = request.send().await;
+            let result = request.await;
             Answered {
                 records,
                 bytes,
@@ -890,25 +852,6 @@ fn retry_delay(failures: u32, base_ms: u64, max_ms: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn records_are_checked_against_kinesis_limits() {
-        assert!(check_record("1001", None, MAX_RECORD_BYTES).is_ok());
-        assert!(check_record("1001", None, MAX_RECORD_BYTES + 1).is_err());
-        assert!(check_record("", None, 1).is_err());
-        assert!(
-            check_record(&"ü".repeat(256), None, 513).is_ok(),
-            "256 characters, 512 bytes"
-        );
-        assert!(check_record(&"k".repeat(257), None, 258).is_err());
-        assert!(check_record("k", Some("340282366920938463463374607431768211455"), 2).is_ok());
-        assert!(check_record("k", Some("340282366920938463463374607431768211456"), 2).is_err());
-        assert!(check_record("k", Some("0x10"), 2).is_err());
-        assert!(check_record("k", Some("0"), 2).is_ok());
-        assert!(check_record("k", Some("042"), 2).is_err(), "leading zero");
-        assert!(check_record("k", Some("00"), 2).is_err());
-        assert!(check_record("k", Some(""), 2).is_err());
-    }
 
     #[test]
     fn error_codes_are_weighed_by_what_they_say_about_the_record() {

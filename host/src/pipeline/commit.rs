@@ -6,13 +6,13 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::SpoolRecord;
-use crate::ack::Settlement;
 use crate::activity::{Counters, Level};
-use crate::crash_guard::CrashGuard;
-use crate::dead_letter::{DeadLetter, StagedFiles};
-use crate::inflight::Charge;
 use crate::module::Module;
+use crate::pipeline::ack::Settlement;
+use crate::pipeline::crash_guard::CrashGuard;
+use crate::pipeline::inflight::Charge;
+use crate::store::dead_letter::{DeadLetter, StagedFiles};
+use crate::store::spool::SpoolRecord;
 use crate::store::{Store, StoreError};
 
 /// Most messages committed (and synced) together.

@@ -12,10 +12,10 @@
 //! groups have their index entry rewritten, so after a crash only what was
 //! not yet settled is sent again.
 //!
-//! The spool is bounded: when a module's spool is full, the [`Committer`]
-//! waits, so messages stop being acknowledged and the broker holds them back.
+//! The spool is bounded: when a module's spool is full, the committer
+//! ([`crate::pipeline::commit`]) waits, so messages stop being acknowledged
+//! and the broker holds them back.
 
-mod commit;
 mod group;
 mod reader;
 
@@ -26,11 +26,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use fjall::Keyspace;
 
-pub use commit::{CommitTarget, Committer, Job, Staged};
 use group::IndexEntry;
 pub use reader::SpoolReader;
 
-use crate::sink::shards;
+use crate::kinesis;
 use crate::store::{self, Store, StoreError};
 
 /// How often a committer waiting for room checks whether ksm is stopping.
@@ -69,7 +68,7 @@ impl SpoolRecord {
         Self {
             seq: 0,
             size: data.len() + partition_key.len(),
-            hash_key: shards::hash_key(partition_key, explicit_hash_key),
+            hash_key: kinesis::hash_key(partition_key, explicit_hash_key),
             partition_key: partition_key.into(),
             explicit_hash_key: explicit_hash_key.map(Into::into),
             topic,
@@ -165,7 +164,7 @@ impl ModuleSpool {
 
     /// True if `bytes` more fit (an empty spool takes anything, so one huge
     /// message cannot block for ever).
-    fn has_room(&self, pending: u64, bytes: u64) -> bool {
+    pub(crate) fn has_room(&self, pending: u64, bytes: u64) -> bool {
         self.fits(self.usage().bytes + pending, bytes)
     }
 
@@ -174,7 +173,7 @@ impl ModuleSpool {
     }
 
     /// Waits until `bytes` more fit beside `pending`, or `stopping` is set.
-    fn wait_for_room(&self, pending: u64, bytes: u64, stopping: &AtomicBool) -> bool {
+    pub(crate) fn wait_for_room(&self, pending: u64, bytes: u64, stopping: &AtomicBool) -> bool {
         let mut usage = self.usage();
         loop {
             if self.fits(usage.bytes + pending, bytes) {
@@ -191,13 +190,13 @@ impl ModuleSpool {
         }
     }
 
-    fn added(&self, records: u64, bytes: u64) {
+    pub(crate) fn added(&self, records: u64, bytes: u64) {
         let mut usage = self.usage();
         usage.records += records;
         usage.bytes += bytes;
     }
 
-    fn removed(&self, records: u64, bytes: u64) {
+    pub(crate) fn removed(&self, records: u64, bytes: u64) {
         let mut usage = self.usage();
         usage.records = usage.records.saturating_sub(records);
         usage.bytes = usage.bytes.saturating_sub(bytes);
@@ -257,7 +256,11 @@ impl ModuleSpool {
 
     /// Adds a group (records with consecutive seqs) to `batch`; returns its
     /// bytes.
-    fn insert_group(&self, batch: &mut fjall::OwnedWriteBatch, records: &[SpoolRecord]) -> u64 {
+    pub(crate) fn insert_group(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        records: &[SpoolRecord],
+    ) -> u64 {
         let bytes: u64 = records.iter().map(|r| r.size as u64).sum();
         let first = records[0].seq;
         batch.insert(&self.groups, store::key(first), group::encode(records));
@@ -298,6 +301,18 @@ fn decode_legacy(value: &[u8]) -> Result<SpoolRecord, String> {
         explicit_hash_key,
         topic.into(),
     ))
+}
+
+#[cfg(test)]
+impl ModuleSpool {
+    /// Spools `records` (consecutive seqs) as one group, as the committer
+    /// does, for tests of what reads the spool.
+    pub(crate) fn commit_for_tests(&self, records: &[SpoolRecord]) {
+        let mut batch = self.store.batch();
+        let bytes = self.insert_group(&mut batch, records);
+        self.added(records.len() as u64, bytes);
+        batch.commit().expect("a test store takes the group");
+    }
 }
 
 #[cfg(test)]
@@ -352,12 +367,8 @@ mod tests {
             .collect()
     }
 
-    /// Commits one group, as the committer does.
     fn commit(spool: &ModuleSpool, group: &[SpoolRecord]) {
-        let mut batch = spool.store.batch();
-        let bytes = spool.insert_group(&mut batch, group);
-        spool.added(group.len() as u64, bytes);
-        batch.commit().unwrap();
+        spool.commit_for_tests(group);
     }
 
     fn seqs(records: &[SpoolRecord]) -> Vec<u64> {

@@ -3,7 +3,7 @@
 //! ksm connects with a fixed client ID, `clean start` off and a session
 //! expiry, so the broker keeps its subscriptions and queues messages while
 //! ksm is away. Messages are acknowledged only when their records are safe
-//! (see [`crate::ack`]); MQTT 5's Receive Maximum lets many messages be in
+//! (see [`crate::pipeline::ack`]); MQTT 5's Receive Maximum lets many messages be in
 //! flight at once despite the late acknowledgements.
 //!
 //! With `mqtt.shared_group` set, ksm subscribes through shared subscriptions
@@ -19,12 +19,12 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
-use crate::ack::Settlement;
 use crate::activity::Level;
 use crate::config::{MqttConfig, broker_address};
-use crate::inflight::{Charge, InFlight};
 use crate::module::Module;
-use crate::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
+use crate::pipeline::ack::Settlement;
+use crate::pipeline::inflight::{Charge, InFlight};
+use crate::pipeline::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
 
 /// Pause before reconnecting after the connection failed.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -255,16 +255,17 @@ fn own_allocation(payload: bytes::Bytes) -> bytes::Bytes {
 /// Turns a received publish into a message whose settlement sends its PUBACK.
 fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>, charge: Charge) -> Message {
     let topic: Arc<str> = String::from_utf8_lossy(&publish.topic).into();
-    let on_settled: Option<crate::ack::OnSettled> = (publish.qos != QoS::AtMostOnce).then(|| {
-        let ack = Publish {
-            payload: bytes::Bytes::new(),
-            ..publish.clone()
-        };
-        let ack_tx = ack_tx.clone();
-        Box::new(move || {
-            let _ = ack_tx.send(ack);
-        }) as crate::ack::OnSettled
-    });
+    let on_settled: Option<crate::pipeline::ack::OnSettled> = (publish.qos != QoS::AtMostOnce)
+        .then(|| {
+            let ack = Publish {
+                payload: bytes::Bytes::new(),
+                ..publish.clone()
+            };
+            let ack_tx = ack_tx.clone();
+            Box::new(move || {
+                let _ = ack_tx.send(ack);
+            }) as crate::pipeline::ack::OnSettled
+        });
     Message {
         kind: Topic::parse(&topic),
         topic,

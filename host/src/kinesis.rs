@@ -1,0 +1,109 @@
+//! What Kinesis allows and how it places records, in one leaf that the
+//! router, the spool and the sink share: the record and request limits, the
+//! checks a record must pass before it is sent, and the hash that picks a
+//! record's shard.
+
+use md5::{Digest, Md5};
+
+/// Most bytes one record may carry, data plus partition key.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Most records one PutRecords request may carry.
+pub const MAX_RECORDS_PER_REQUEST: usize = 500;
+/// Most bytes one PutRecords request may carry, data plus partition keys.
+pub const MAX_BYTES_PER_REQUEST: usize = 5 * 1024 * 1024;
+/// Partition keys are 1 to 256 Unicode characters.
+pub const MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// Checks a record against Kinesis's own rules (`size` is data plus
+/// partition key), so one bad record never makes a whole request fail.
+pub fn check_record(
+    partition_key: &str,
+    explicit_hash_key: Option<&str>,
+    size: usize,
+) -> Result<(), String> {
+    let key_chars = partition_key.chars().count();
+    if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
+        return Err(format!(
+            "partition key has {key_chars} characters; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}"
+        ));
+    }
+    if size > MAX_RECORD_BYTES {
+        return Err(format!(
+            "record is {size} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}"
+        ));
+    }
+    // Kinesis' pattern is `0|([1-9]\d{0,38})`, within 0..2^128.
+    if let Some(key) = explicit_hash_key
+        && (!key.bytes().all(|b| b.is_ascii_digit())
+            || (key.len() > 1 && key.starts_with('0'))
+            || key.parse::<u128>().is_err())
+    {
+        let shown: String = key.chars().take(48).collect();
+        return Err(format!(
+            "explicit hash key `{shown}` is not a decimal 128-bit integer without leading zeros"
+        ));
+    }
+    Ok(())
+}
+
+/// The 128-bit hash key Kinesis uses to pick a record's shard: the explicit
+/// hash key when it is given and parses as a decimal `u128`, otherwise the
+/// MD5 digest of the partition key's UTF-8 bytes read as a big-endian number.
+pub fn hash_key(partition_key: &str, explicit_hash_key: Option<&str>) -> u128 {
+    explicit_hash_key
+        .and_then(|key| key.parse().ok())
+        .unwrap_or_else(|| u128::from_be_bytes(Md5::digest(partition_key.as_bytes()).into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_checked_against_kinesis_limits() {
+        assert!(check_record("1001", None, MAX_RECORD_BYTES).is_ok());
+        assert!(check_record("1001", None, MAX_RECORD_BYTES + 1).is_err());
+        assert!(check_record("", None, 1).is_err());
+        assert!(
+            check_record(&"ü".repeat(256), None, 513).is_ok(),
+            "256 characters, 512 bytes"
+        );
+        assert!(check_record(&"k".repeat(257), None, 258).is_err());
+        assert!(check_record("k", Some("340282366920938463463374607431768211455"), 2).is_ok());
+        assert!(check_record("k", Some("340282366920938463463374607431768211456"), 2).is_err());
+        assert!(check_record("k", Some("0x10"), 2).is_err());
+        assert!(check_record("k", Some("0"), 2).is_ok());
+        assert!(check_record("k", Some("042"), 2).is_err(), "leading zero");
+        assert!(check_record("k", Some("00"), 2).is_err());
+        assert!(check_record("k", Some(""), 2).is_err());
+    }
+
+    #[test]
+    fn hash_key_is_md5_of_partition_key() {
+        assert_eq!(hash_key("", None), 0xd41d8cd98f00b204e9800998ecf8427e);
+        assert_eq!(
+            hash_key("1001", None),
+            245593008805097772708903916317730822106
+        );
+    }
+
+    #[test]
+    fn hash_key_prefers_explicit_hash_key() {
+        assert_eq!(hash_key("1001", Some("42")), 42);
+        assert_eq!(
+            hash_key("1001", Some("340282366920938463463374607431768211455")),
+            u128::MAX
+        );
+    }
+
+    #[test]
+    fn hash_key_ignores_unparsable_explicit_hash_key() {
+        let md5 = hash_key("1001", None);
+        assert_eq!(hash_key("1001", Some("not a number")), md5);
+        assert_eq!(hash_key("1001", Some("-1")), md5);
+        assert_eq!(
+            hash_key("1001", Some("340282366920938463463374607431768211456")),
+            md5
+        );
+    }
+}
