@@ -93,7 +93,11 @@ impl MqttSource {
         mut intake: watch::Receiver<bool>,
         mut disconnect: watch::Receiver<bool>,
     ) {
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Publish>();
+        let (fallback, mut ack_rx) = mpsc::unbounded_channel::<Publish>();
+        let ack_tx = Arc::new(Acknowledger {
+            client: self.client.clone(),
+            fallback,
+        });
         let acker_client = self.client.clone();
         let mut acker = tokio::spawn(async move {
             while let Some(publish) = ack_rx.recv().await {
@@ -148,7 +152,7 @@ impl MqttSource {
         &mut self,
         event: Event,
         inbox: &mpsc::Sender<Message>,
-        ack_tx: &mpsc::UnboundedSender<Publish>,
+        ack_tx: &Arc<Acknowledger>,
     ) {
         match event {
             Event::Incoming(Packet::ConnAck(connack)) => {
@@ -252,8 +256,25 @@ fn own_allocation(payload: bytes::Bytes) -> bytes::Bytes {
     }
 }
 
+/// Sends PUBACKs from whichever thread settles a message: straight into the
+/// MQTT client's request queue, or, when that is full, through the
+/// acknowledging task, which waits for room. Order between the two does not
+/// matter: each PUBACK names its packet.
+struct Acknowledger {
+    client: AsyncClient,
+    fallback: mpsc::UnboundedSender<Publish>,
+}
+
+impl Acknowledger {
+    fn ack(&self, publish: Publish) {
+        if self.client.try_ack(&publish).is_err() {
+            let _ = self.fallback.send(publish);
+        }
+    }
+}
+
 /// Turns a received publish into a message whose settlement sends its PUBACK.
-fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>, charge: Charge) -> Message {
+fn message(publish: Publish, ack_tx: &Arc<Acknowledger>, charge: Charge) -> Message {
     let topic: Arc<str> = String::from_utf8_lossy(&publish.topic).into();
     let on_settled: Option<crate::pipeline::ack::OnSettled> = (publish.qos != QoS::AtMostOnce)
         .then(|| {
@@ -262,9 +283,7 @@ fn message(publish: Publish, ack_tx: &mpsc::UnboundedSender<Publish>, charge: Ch
                 ..publish.clone()
             };
             let ack_tx = ack_tx.clone();
-            Box::new(move || {
-                let _ = ack_tx.send(ack);
-            }) as crate::pipeline::ack::OnSettled
+            Box::new(move || ack_tx.ack(ack)) as crate::pipeline::ack::OnSettled
         });
     Message {
         kind: Topic::parse(&topic),
