@@ -40,7 +40,7 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 const ACK_GRACE: Duration = Duration::from_secs(5);
 /// Most memory one module's sink holds records in; the rest of its
 /// backlog waits on disk and is read back, in order, as room frees.
-const SINK_WINDOW_BYTES: usize = 32 * 1024 * 1024;
+const SINK_WINDOW_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]

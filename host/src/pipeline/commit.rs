@@ -18,8 +18,9 @@ use crate::store::{Store, StoreError};
 /// Most messages committed (and synced) together.
 const MAX_GROUP: usize = 1024;
 /// Most bytes (records and dead letters) committed together; a larger job
-/// goes alone.
-const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
+/// goes alone. It is also the most one spooled group holds, and a group's
+/// data stays in memory until its last record is sent.
+const MAX_GROUP_BYTES: usize = 4 * 1024 * 1024;
 
 /// What one module keeps of one message.
 #[derive(Debug, Default)]

@@ -29,6 +29,9 @@ const MAX_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 /// Most bytes of journal kept before fjall flushes memtables to free it
 /// (fjall's smallest allowed; its default is 512 MiB).
 const MAX_JOURNAL_BYTES: u64 = 64 * 1024 * 1024;
+/// fjall's block cache. The spool is read once, in order, so caching its
+/// blocks only holds memory; logs and dead letters are read rarely.
+const CACHE_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +91,7 @@ impl Store {
             std::fs::create_dir_all(&path)?;
             Database::builder(&path)
                 .max_journaling_size(MAX_JOURNAL_BYTES)
+                .cache_size(CACHE_BYTES)
                 .open()
         };
         let db = open().map_err(|source| StoreError::Open {

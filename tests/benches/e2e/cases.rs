@@ -81,27 +81,37 @@ impl Rig {
     }
 
     /// `paced`: events at 2.5 times what a 4-shard stream takes, open loop, with the round
-    /// trip; compares ksm's CPU per record with `unpaced`, the `blackhole` case's closed loop
-    /// of events.
-    pub(crate) fn paced(
-        &self,
-        report: &mut Report,
-        unpaced: Option<CpuPerRecord>,
-    ) -> anyhow::Result<()> {
-        let blackhole = self.start_blackhole(Case::Paced, free_port(), PACED_SHARDS)?;
+    /// trip; then the same load against a stream with shards to spare (`--shards`), so the
+    /// one difference is pacing, and ksm's CPU per record in both.
+    pub(crate) fn paced(&self, report: &mut Report) -> anyhow::Result<()> {
         let takes = f64::from(PACED_SHARDS) * SHARD_RECORDS_PER_SEC;
         let offered = PACED_OVERLOAD * takes;
+        let pace = Pace::Open { per_sec: offered };
+        let blackhole = self.start_blackhole(Case::Paced, free_port(), PACED_SHARDS)?;
         let run = self.ksm_run(
             Case::Paced,
             &Endpoint::Blackhole(&blackhole),
             Shape::Events,
-            Pace::Open { per_sec: offered },
+            pace,
+            self.options.devices,
+        )?;
+        drop(blackhole);
+        let roomy = self.start_blackhole(Case::Paced, free_port(), self.options.shards)?;
+        let twin = self.ksm_run(
+            Case::Paced,
+            &Endpoint::Blackhole(&roomy),
+            Shape::Events,
+            pace,
             self.options.devices,
         )?;
         let paced = CpuPerRecord {
             window: run.run.ksm_us_per_record,
             to_empty: run.us_per_record_to_empty,
         };
+        let unpaced = Some(CpuPerRecord {
+            window: twin.run.ksm_us_per_record,
+            to_empty: twin.us_per_record_to_empty,
+        });
         let compared = |paced: Option<f64>, unpaced: Option<f64>| match (paced, unpaced) {
             (Some(paced), Some(unpaced)) => {
                 format!(
@@ -118,11 +128,10 @@ impl Rig {
         } else {
             ""
         };
-        let unpaced_note = if unpaced.is_some() {
-            "unpaced: the blackhole case's closed loop of events"
-        } else {
-            "run the blackhole case with events for the unpaced figures"
-        };
+        let unpaced_note = format!(
+            "unpaced: the same load into {} shards, which take it all",
+            self.options.shards
+        );
         report.findings.push(format!(
             "{}: {PACED_SHARDS} shards take {takes:.0} records/s, {offered:.0} offered; ksm \
              forwarded {:.0} records/s in the window{above_limit}. ksm CPU per record from \
@@ -135,6 +144,7 @@ impl Rig {
             compared(paced.window, unpaced.and_then(|u| u.window)),
         ));
         report.runs.push(run.run);
+        report.runs.push(twin.run);
         Ok(())
     }
 }

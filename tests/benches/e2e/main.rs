@@ -389,19 +389,12 @@ fn bench(options: &Options) -> anyhow::Result<()> {
     let closed = Pace::Closed {
         window: options.window,
     };
-    let mut unpaced_events = None;
     if options.runs(Case::Blackhole) {
         let endpoint = Endpoint::Blackhole(&rig.blackhole);
         for &shape in &shapes {
             let max = rig.ksm_run(Case::Blackhole, &endpoint, shape, closed, options.devices)?;
             let half = max.run.records_per_sec / 2.0 / shape.records_per_message() as f64;
             let open = Pace::Open { per_sec: half };
-            if shape == Shape::Events {
-                unpaced_events = Some(CpuPerRecord {
-                    window: max.run.ksm_us_per_record,
-                    to_empty: max.us_per_record_to_empty,
-                });
-            }
             report.runs.push(max.run);
             let open = rig.ksm_run(Case::Blackhole, &endpoint, shape, open, options.devices)?;
             report.runs.push(open.run);
@@ -427,7 +420,7 @@ fn bench(options: &Options) -> anyhow::Result<()> {
         rig.bulk_10x500(&mut report)?;
     }
     if options.runs(Case::Paced) && options.runs_shape(Shape::Events) {
-        rig.paced(&mut report, unpaced_events)?;
+        rig.paced(&mut report)?;
     }
     if options.runs(Case::Drain) && options.runs_shape(Shape::Bulk) {
         rig.drains(&mut report)?;

@@ -434,13 +434,13 @@ impl KinesisSink {
         if !self.reader.wants_refill() {
             return;
         }
-        match self.reader.refill(&self.module.spool) {
-            Ok(records) => records.into_iter().for_each(|r| self.backlog.push(r)),
-            Err(error) => self.module.log.write_limited(
+        let backlog = &mut self.backlog;
+        if let Err(error) = self.reader.refill(&self.module.spool, |r| backlog.push(r)) {
+            self.module.log.write_limited(
                 "store",
                 Level::Error,
                 format!("cannot read records back from the spool: {error}"),
-            ),
+            );
         }
     }
 

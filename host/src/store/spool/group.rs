@@ -61,13 +61,16 @@ fn put_text(out: &mut Vec<u8>, text: &str) {
     out.extend_from_slice(bytes);
 }
 
-/// Reads a group value back: its records from `first_seq` on, but those
-/// that `settled` marks; their data shares `value`.
-pub fn decode(
+/// Reads a group value back into `records` (emptied first): its records
+/// from `first_seq` on, but those that `settled` marks; their data shares
+/// `value`. On an error `records` holds a part of the group.
+pub fn decode_into(
     first_seq: u64,
     value: Bytes,
     settled: Option<&[u8]>,
-) -> Result<Vec<SpoolRecord>, String> {
+    records: &mut Vec<SpoolRecord>,
+) -> Result<(), String> {
+    records.clear();
     let mut reader = Reader {
         value: &value,
         at: 0,
@@ -77,7 +80,7 @@ pub fn decode(
         return Err(format!("unknown group version {version}"));
     }
     let count = reader.u32()?;
-    let mut records = Vec::with_capacity(count as usize);
+    records.reserve(count as usize);
     let mut topic: Option<Arc<str>> = None;
     for index in 0..count {
         let flags = reader.take(1)?[0];
@@ -113,7 +116,7 @@ pub fn decode(
     if reader.at != value.len() {
         return Err("trailing bytes after the last record".into());
     }
-    Ok(records)
+    Ok(())
 }
 
 struct Reader<'a> {
@@ -267,6 +270,16 @@ mod tests {
         );
         record.seq = seq;
         record
+    }
+
+    fn decode(
+        first_seq: u64,
+        value: Bytes,
+        settled: Option<&[u8]>,
+    ) -> Result<Vec<SpoolRecord>, String> {
+        let mut records = vec![record(1, "stale", None, b"")];
+        decode_into(first_seq, value, settled, &mut records)?;
+        Ok(records)
     }
 
     #[test]

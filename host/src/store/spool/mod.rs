@@ -371,6 +371,12 @@ mod tests {
         spool.commit_for_tests(group);
     }
 
+    fn refill(reader: &mut SpoolReader, spool: &ModuleSpool) -> Vec<SpoolRecord> {
+        let mut records = Vec::new();
+        reader.refill(spool, |r| records.push(r)).unwrap();
+        records
+    }
+
     fn seqs(records: &[SpoolRecord]) -> Vec<u64> {
         records.iter().map(|r| r.seq).collect()
     }
@@ -394,12 +400,12 @@ mod tests {
         assert_eq!(sent, (1..=20).collect::<Vec<_>>(), "two groups fit");
         assert!(reader.has_more_on_disk());
         assert!(!reader.wants_refill());
-        assert!(reader.refill(&spool).unwrap().is_empty(), "no room");
+        assert!(refill(&mut reader, &spool).is_empty(), "no room");
         let first_two: Vec<(u64, usize)> = (1..=20).map(|seq| (seq, 1001)).collect();
         reader.settle(&spool, &first_two).unwrap();
         assert_eq!(reader.memory(), 0);
         assert!(reader.wants_refill());
-        let back = reader.refill(&spool).unwrap();
+        let back = refill(&mut reader, &spool);
         assert_eq!(seqs(&back), (21..=40).collect::<Vec<_>>());
         assert_eq!(back[0].data, Bytes::from(vec![21u8; 1000]));
         // A group the committer offers while older ones wait stays on disk.
@@ -407,10 +413,10 @@ mod tests {
         commit(&spool, &group);
         assert!(reader.offer(group).is_empty());
         reader.settle(&spool, &settled(&back)).unwrap();
-        let rest = reader.refill(&spool).unwrap();
+        let rest = refill(&mut reader, &spool);
         assert_eq!(seqs(&rest), (41..=60).collect::<Vec<_>>());
         reader.settle(&spool, &settled(&rest)).unwrap();
-        let last = reader.refill(&spool).unwrap();
+        let last = refill(&mut reader, &spool);
         assert_eq!(seqs(&last), (61..=70).collect::<Vec<_>>());
         assert!(!reader.has_more_on_disk());
         reader.settle(&spool, &settled(&last)).unwrap();
@@ -446,7 +452,7 @@ mod tests {
         assert_eq!(spool.len(), (128, 128 * 11));
         assert_eq!(spool.next_seq().unwrap(), 301);
         let mut reader = SpoolReader::new(&spool, usize::MAX).unwrap();
-        let back = reader.refill(&spool).unwrap();
+        let back = refill(&mut reader, &spool);
         let expected: Vec<u64> = (1..=300)
             .filter(|seq| seq % 7 == 0 || (101..=200).contains(seq))
             .collect();
@@ -511,7 +517,7 @@ mod tests {
         let legacy = temp.store().keyspace("m", "spool").unwrap();
         assert!(legacy.first_key_value().is_none(), "old entries removed");
         let mut reader = SpoolReader::new(&spool, usize::MAX).unwrap();
-        let back = reader.refill(&spool).unwrap();
+        let back = refill(&mut reader, &spool);
         assert_eq!(seqs(&back), (1..=2003).collect::<Vec<_>>());
         assert_eq!(back[0].data, Bytes::from("record 3"));
         assert_eq!(back[1].explicit_hash_key.as_deref(), Some("42"));

@@ -27,6 +27,9 @@ pub struct SpoolReader {
     on_disk_from: Option<u64>,
     /// The seq after the last record loaded.
     loaded_to: u64,
+    /// Where groups are decoded, kept to spare the allocator a large
+    /// buffer per group.
+    decoded: Vec<SpoolRecord>,
 }
 
 impl SpoolReader {
@@ -39,6 +42,7 @@ impl SpoolReader {
             max_memory,
             on_disk_from: spool.first_group()?,
             loaded_to: 0,
+            decoded: Vec::new(),
         })
     }
 
@@ -87,13 +91,16 @@ impl SpoolReader {
         Vec::new()
     }
 
-    /// Reads groups back from disk, oldest first, while they fit; returns
-    /// their records not yet settled.
-    pub fn refill(&mut self, spool: &ModuleSpool) -> Result<Vec<SpoolRecord>, StoreError> {
+    /// Reads groups back from disk, oldest first, while they fit, and hands
+    /// their records not yet settled to `take`.
+    pub fn refill(
+        &mut self,
+        spool: &ModuleSpool,
+        mut take: impl FnMut(SpoolRecord),
+    ) -> Result<(), StoreError> {
         let Some(from) = self.on_disk_from else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut records = Vec::new();
         let mut stopped_at = None;
         for guard in spool.index.range(store::key(from)..) {
             let (key, value) = guard.into_inner()?;
@@ -111,15 +118,20 @@ impl SpoolReader {
             let value = spool.groups.get(&key)?.ok_or_else(|| {
                 spool.corrupt(first, "group missing beside its index entry".into())
             })?;
-            let loaded = group::decode(first, Bytes::copy_from_slice(&value), entry.settled_bits())
-                .map_err(|detail| spool.corrupt(first, detail))?;
+            group::decode_into(
+                first,
+                Bytes::from(value),
+                entry.settled_bits(),
+                &mut self.decoded,
+            )
+            .map_err(|detail| spool.corrupt(first, detail))?;
             self.loaded_to = first + u64::from(entry.count);
             self.memory += charge;
             self.groups.insert(first, entry);
-            records.extend(loaded);
+            self.decoded.drain(..).for_each(&mut take);
         }
         self.on_disk_from = stopped_at;
-        Ok(records)
+        Ok(())
     }
 
     /// Settles records (accepted by Kinesis): a group whose records are all
