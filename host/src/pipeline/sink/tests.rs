@@ -1,6 +1,6 @@
 //! The sink loop in process, against a Kinesis of the test's own behind
 //! the [`KinesisApi`] seam: what goes in which request, in which order, and
-//! how many at once. Real time with a short round trip; nothing asserts on
+//! how many at once. Real time with a 20 ms round trip; nothing asserts on
 //! durations.
 
 use std::collections::{HashMap, HashSet};
@@ -209,7 +209,7 @@ async fn run(
     let seen = Arc::new(Mutex::new(Seen::default()));
     let kinesis = TestKinesis {
         seen: seen.clone(),
-        round_trip: Duration::from_millis(3),
+        round_trip: Duration::from_millis(20),
         fail,
     };
     let (tx, rx) = mpsc::unbounded_channel();
