@@ -630,14 +630,20 @@ stream_name = "{STREAM}"
         let drained = wait_until(DRAIN_TIMEOUT, || subscriber.records() >= published);
         let received = subscriber.records();
         subscriber.stop()?;
-        drained.with_context(|| {
-            format!(
-                "the baseline got {received} of {published} records; the broker's log ends:\n{}",
+        // Mosquitto drops messages for a subscriber that falls behind ("Outgoing messages
+        // are being dropped"); the ceiling still stands, marked, and the runs go on.
+        let dropped = if drained.is_ok() {
+            String::new()
+        } else {
+            eprintln!(
+                "baseline: the subscriber got {received} of {published} records; the broker's \
+                 log ends:\n{}",
                 log_tail(&self.broker.log())
-            )
-        })?;
+            );
+            format!(", broker dropped {} records", published - received.min(published))
+        };
         Ok(Run {
-            what: format!("{}: broker only (baseline)", shape.name()),
+            what: format!("{}: broker only (baseline{dropped})", shape.name()),
             ..measured
         })
     }
