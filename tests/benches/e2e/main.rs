@@ -640,7 +640,10 @@ stream_name = "{STREAM}"
                  log ends:\n{}",
                 log_tail(&self.broker.log())
             );
-            format!(", broker dropped {} records", published - received.min(published))
+            format!(
+                ", broker dropped {} records",
+                published - received.min(published)
+            )
         };
         Ok(Run {
             what: format!("{}: broker only (baseline{dropped})", shape.name()),
