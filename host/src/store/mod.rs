@@ -1,11 +1,11 @@
 //! The host's on-disk store: one fjall database under `storage.dir`, holding
 //! per module: `{module}.groups` and `{module}.group-index` (the spool:
-//! records waiting for Kinesis, see [`crate::store::spool`]), `{module}.dead`
-//! (dead letters) and `{module}.log` (the activity log); `{module}.spool`
-//! is the spool of older versions, converted at start. Keys are big-endian sequence numbers, so every keyspace iterates
-//! oldest first. Large dead letters keep their data in files of their own
-//! beside the database, under `{storage.dir}/dead-letters/`
-//! ([`dead_letter`]).
+//! records waiting for Kinesis, see [`spool`]), `{module}.dead` (dead
+//! letters) and `{module}.log` (the activity log); `{module}.spool` is the
+//! spool of older versions, converted at start. Keys are big-endian sequence
+//! numbers, so every keyspace iterates oldest first. Large dead letters keep
+//! their data in files of their own beside the database, under
+//! `{storage.dir}/dead-letters/` ([`dead_letter`]).
 //!
 //! [`Store::flush`] hands writes to the operating system (they then survive
 //! a killed process); [`Store::sync`] makes everything written so far survive

@@ -311,45 +311,37 @@ impl Backlog {
         now: Instant,
         backoff: impl Fn(u32) -> Duration,
     ) {
-        let mut failed_keys: HashSet<&Arc<str>> = HashSet::new();
-        let mut keys: Vec<&Arc<str>> = Vec::new();
-        // A key's records in a request are the head of its queue, in order.
-        let mut taken: HashMap<&Arc<str>, Vec<bool>> = HashMap::new();
+        // Each key of the request, in order, with whether each of its records
+        // left; a key's records in a request are the head of its queue.
+        let mut taken: Vec<(&Arc<str>, Vec<bool>)> = Vec::new();
+        let mut index: HashMap<&Arc<str>, usize> = HashMap::new();
         for (record, done) in records.iter().zip(done) {
             let key = &record.partition_key;
-            let marks = taken.entry(key).or_insert_with(|| {
-                keys.push(key);
-                Vec::new()
+            let at = *index.entry(key).or_insert_with(|| {
+                taken.push((key, Vec::new()));
+                taken.len() - 1
             });
-            marks.push(*done);
+            taken[at].1.push(*done);
             if *done {
                 self.tracks.remove(&record.seq);
-            } else {
-                failed_keys.insert(key);
             }
         }
-        for (key, marks) in &taken {
-            let Some(queue) = self.keys.get_mut(*key) else {
+        for (key, marks) in taken {
+            let Some(queue) = self.keys.get_mut(key) else {
                 continue;
             };
             let head: Vec<SpoolRecord> = queue.records.drain(..marks.len()).collect();
-            for (record, done) in head.into_iter().zip(marks).rev() {
+            for (record, done) in head.into_iter().zip(&marks).rev() {
                 if *done {
                     self.records -= 1;
                 } else {
                     queue.records.push_front(record);
                 }
             }
-        }
-        for key in keys {
-            let Some(queue) = self.keys.get_mut(key) else {
-                continue;
-            };
             if queue.state != KeyState::InFlight {
                 continue;
             }
-            let failed = failed_keys.contains(&key);
-            if failed {
+            if marks.contains(&false) {
                 queue.failures = queue.failures.saturating_add(1);
                 queue.state = KeyState::Waiting;
                 let at = now + backoff(queue.failures);

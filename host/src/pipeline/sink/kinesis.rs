@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::api::KinesisApi;
+use super::api::{KinesisApi, PutRecordsAnswer};
 use super::backlog::{Answer, Backlog, Batch, Verdict, overtaken};
 use super::retry::{Failure, FailureKind, RetryLimits};
 use super::shards::{ShardMap, ShardPacer};
@@ -225,7 +225,7 @@ struct Shards {
 struct Answered {
     records: Vec<SpoolRecord>,
     bytes: usize,
-    result: Result<PutRecordsOutput, SdkError<PutRecordsError>>,
+    result: PutRecordsAnswer,
 }
 
 /// One module's sink task.

@@ -367,10 +367,6 @@ mod tests {
             .collect()
     }
 
-    fn commit(spool: &ModuleSpool, group: &[SpoolRecord]) {
-        spool.commit_for_tests(group);
-    }
-
     fn refill(reader: &mut SpoolReader, spool: &ModuleSpool) -> Vec<SpoolRecord> {
         let mut records = Vec::new();
         reader.refill(spool, |r| records.push(r)).unwrap();
@@ -394,7 +390,7 @@ mod tests {
         let mut sent = Vec::new();
         for g in 0..6 {
             let group = records(1 + g * 10, 10, 1000);
-            commit(&spool, &group);
+            spool.commit_for_tests(&group);
             sent.extend(seqs(&reader.offer(group)));
         }
         assert_eq!(sent, (1..=20).collect::<Vec<_>>(), "two groups fit");
@@ -410,7 +406,7 @@ mod tests {
         assert_eq!(back[0].data, Bytes::from(vec![21u8; 1000]));
         // A group the committer offers while older ones wait stays on disk.
         let group = records(61, 10, 1000);
-        commit(&spool, &group);
+        spool.commit_for_tests(&group);
         assert!(reader.offer(group).is_empty());
         reader.settle(&spool, &settled(&back)).unwrap();
         let rest = refill(&mut reader, &spool);
@@ -434,7 +430,7 @@ mod tests {
             let mut reader = SpoolReader::new(&spool, usize::MAX).unwrap();
             for g in 0..3 {
                 let group = records(1 + g * 100, 100, 10);
-                commit(&spool, &group);
+                spool.commit_for_tests(&group);
                 reader.offer(group);
             }
             // Out of order, as several requests in flight settle them.
@@ -467,7 +463,7 @@ mod tests {
         let spool = ModuleSpool::open(temp.store(), "m", u64::MAX).unwrap();
         let mut reader = SpoolReader::new(&spool, usize::MAX).unwrap();
         let group = records(1, 4, 10);
-        commit(&spool, &group);
+        spool.commit_for_tests(&group);
         let group = reader.offer(group);
         let result = reader.settle_with(&spool, &settled(&group), |_| {
             Err(StoreError::Corrupt {
