@@ -1,10 +1,17 @@
 //! A small client for the admin API of a running host, used by
-//! `ksm dead-letters`. The API listens on a local address and speaks plain
-//! HTTP/1.1; one request per connection is all the CLI needs.
+//! `ksm dead-letters`. It speaks HTTP/1.1, over TLS when the API does
+//! (`admin.tls`), with the admin token when one is set; one request per
+//! connection is all the CLI needs.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
+
+use crate::config::AdminConfig;
 
 /// How long the client waits to connect and for an answer.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,15 +58,72 @@ pub enum AdminClientError {
 }
 
 /// The admin API of one host.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct AdminClient {
     addr: SocketAddr,
+    token: Option<String>,
+    tls: Option<Arc<ClientConfig>>,
 }
 
+/// A connection to the API, plain or TLS.
+trait Connection: Read + Write {}
+impl<T: Read + Write> Connection for T {}
+
 impl AdminClient {
-    /// A client for the API at `addr`.
+    /// A client for the plain-HTTP API at `addr`, without a token.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr }
+        Self {
+            addr,
+            token: None,
+            tls: None,
+        }
+    }
+
+    /// The client the configuration of a host calls for: its address
+    /// (loopback if it listens on every address), its token and, with
+    /// `admin.tls`, HTTPS trusting the system's roots and the API's own
+    /// certificate file.
+    pub fn for_config(config: &AdminConfig) -> Result<Self, String> {
+        let mut addr = config.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        let mut client = Self::new(addr).with_token(config.resolve_token()?);
+        if let Some(tls) = &config.tls {
+            client.tls = Some(
+                crate::tls::client::trusting("admin.tls.cert_file", &tls.cert_file)
+                    .map_err(|error| error.to_string())?,
+            );
+        }
+        Ok(client)
+    }
+
+    /// Sends `token` as `Authorization: Bearer` with every request.
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Speaks TLS with `config`, verifying the API's certificate for the IP
+    /// address it is reached at.
+    pub fn with_tls(mut self, config: Arc<ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    fn connect(&self) -> Result<Box<dyn Connection>, std::io::Error> {
+        let stream = TcpStream::connect_timeout(&self.addr, TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        Ok(match &self.tls {
+            None => Box::new(stream),
+            Some(config) => {
+                let name = ServerName::IpAddress(self.addr.ip().into());
+                let connection =
+                    ClientConnection::new(config.clone(), name).map_err(std::io::Error::other)?;
+                Box::new(StreamOwned::new(connection, stream))
+            }
+        })
     }
 
     /// Sends `method path` and returns the body of a 2xx answer.
@@ -81,14 +145,17 @@ impl AdminClient {
             addr,
             max: MAX_BODY_BYTES,
         };
-        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(unreachable)?;
-        stream
-            .set_read_timeout(Some(TIMEOUT))
-            .map_err(unreachable)?;
+        let mut stream = self.connect().map_err(unreachable)?;
+        let authorization = self
+            .token
+            .as_ref()
+            .map(|token| format!("Authorization: Bearer {token}\r\n"))
+            .unwrap_or_default();
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
         )
+        .and_then(|()| stream.flush())
         .map_err(unreachable)?;
         let mut reader = BufReader::new(stream);
         let mut head = Vec::new();

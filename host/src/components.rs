@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::activity::Level;
+use crate::activity::{Counters, Level};
 use crate::bindings::types::{DeviceContext, HomeContext, ModuleSettings};
 use crate::clock;
 use crate::config::ModuleConfig;
@@ -183,6 +183,7 @@ impl Components {
                         // (the router switches before the next one).
                         for (index, info) in infos {
                             self.set_running(index, info);
+                            Counters::add(&self.modules[index].metrics.reloads, 1);
                         }
                         outcome.outcome = "swapped".into();
                     } else {

@@ -62,6 +62,9 @@ pub enum StartError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The admin API's token or certificate files are unusable.
+    #[error("admin: {0}")]
+    AdminSettings(String),
     /// The MQTT settings are unusable.
     #[error("mqtt: {0}")]
     Mqtt(String),
@@ -188,6 +191,17 @@ impl Host {
             .spawn(move || committer.run(job_rx))
             .expect("the OS can start the committer thread");
 
+        let token = config
+            .admin
+            .resolve_token()
+            .map_err(StartError::AdminSettings)?;
+        let admin_tls = match &config.admin.tls {
+            Some(tls) => Some(
+                crate::tls::server::admin_config(&tls.cert_file, &tls.key_file)
+                    .map_err(|error| StartError::AdminSettings(error.to_string()))?,
+            ),
+            None => None,
+        };
         let listener = tokio::net::TcpListener::bind(config.admin.listen)
             .await
             .map_err(|source| StartError::Admin {
@@ -208,12 +222,9 @@ impl Host {
             inbox_tx.downgrade(),
             components.clone(),
             inflight.clone(),
+            crate::admin::auth::Token::new(token.as_deref()),
         );
-        let admin = tokio::spawn(async move {
-            if let Err(error) = axum::serve(listener, app).await {
-                tracing::error!("admin API stopped: {error}");
-            }
-        });
+        let admin = tokio::spawn(crate::admin::serve(listener, app, admin_tls));
 
         let budget = Budget::from_config(&config.component);
         let router = Router::new(

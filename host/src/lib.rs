@@ -18,7 +18,12 @@
 //! - `runtime` and `bindings`: the wasmtime runtime running the guest
 //!   component (`runtime::sandbox`: what a guest may do); `components`:
 //!   which component each module runs, hot swap.
-//! - `module` and `activity`: a module's settings, status, counters and log.
+//! - `module` and `activity`: a module's settings, status, counters and log;
+//!   `metrics`: what `GET /metrics` shows.
+//! - `preflight`: what `ksm validate` checks of the files a configuration
+//!   names (certificates, keys, secrets).
+//! - `tls`: certificates and keys from PEM files, the broker's TLS client
+//!   configuration and what a failed handshake means.
 //! - `admin` and `admin_client`: the admin HTTP API, and the client the CLI
 //!   uses; `host`: starts and stops all of the above.
 //! - `bulk` and `conformance`: bulk payload encoding and the guest
@@ -40,10 +45,13 @@ pub mod config;
 pub mod conformance;
 mod host;
 mod kinesis;
+mod metrics;
 mod module;
 mod pipeline;
+pub mod preflight;
 pub mod runtime;
 mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use host::{Host, run};

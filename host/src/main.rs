@@ -166,6 +166,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         failed = true;
                     }
                 }
+                for finding in
+                    ksm_host::preflight::check(&config, &path, time::OffsetDateTime::now_utc())
+                {
+                    eprintln!("{}: {finding}", path.display());
+                    failed |= finding.severity == ksm_host::preflight::Severity::Error;
+                }
                 if failed {
                     return Ok(ExitCode::FAILURE);
                 }
@@ -222,12 +228,17 @@ fn dead_letters(
     use ksm_host::admin_client::AdminClient;
     use ksm_host::dead_letter::ListedLetter;
 
-    let addr = match (admin, config) {
-        (Some(addr), _) => addr,
-        (None, Some(path)) => Config::load(path)?.admin.listen,
-        (None, None) => ksm_host::config::AdminConfig::default().listen,
+    // The address, token and TLS of the config's API; the token of the
+    // environment for an address given alone.
+    let admin_config = match (admin, config) {
+        (Some(listen), _) => ksm_host::config::AdminConfig {
+            listen,
+            ..Default::default()
+        },
+        (None, Some(path)) => Config::load(path)?.admin,
+        (None, None) => ksm_host::config::AdminConfig::default(),
     };
-    let client = AdminClient::new(addr);
+    let client = AdminClient::for_config(&admin_config).map_err(anyhow::Error::msg)?;
     // `?ids=1,2`, or nothing for all of them.
     let ids_query = |ids: &[u64]| {
         if ids.is_empty() {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::activity::{ActivityLog, CounterSnapshot, Counters, Level};
 use crate::config::ModuleConfig;
+use crate::metrics::ModuleMetrics;
 use crate::store::dead_letter::{DeadLetter, DeadLetterStore};
 use crate::store::spool::ModuleSpool;
 use crate::store::{Store, StoreError};
@@ -27,6 +28,8 @@ pub struct Module {
     pub spool: ModuleSpool,
     /// The component its guest runs (set once loaded, changed by swaps).
     pub component: Mutex<Option<ComponentInfo>>,
+    /// Latencies, requests, guest traps and reloads, for `/metrics`.
+    pub metrics: ModuleMetrics,
 }
 
 impl Module {
@@ -42,6 +45,7 @@ impl Module {
             dead_letters: DeadLetterStore::open(store, &config.id)?,
             spool: ModuleSpool::open(store, &config.id, spool_max_bytes)?,
             component: Mutex::new(None),
+            metrics: ModuleMetrics::default(),
             config,
         })
     }

@@ -1,6 +1,7 @@
 //! The harness against the real services: if these fail, no other integration test can pass.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_kinesis::config::Credentials;
@@ -8,11 +9,19 @@ use aws_sdk_kinesis::config::retry::RetryConfig;
 use aws_sdk_kinesis::error::{DisplayErrorContext, SdkError};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use ksm_tests::mqtt::Subscriber;
+use ksm_tests::mosquitto::TlsBroker;
+use ksm_tests::mqtt::{
+    ClientTls, PublishAnswer, Subscriber, publish_all_tls, publish_one_tls, publish_one_with,
+    tls_options,
+};
+use ksm_tests::tls::{CertFiles, KeyKind, TestPki};
 use ksm_tests::{
     Faults, Kinesalite, LoadPlan, LoadPublisher, Mosquitto, Moto, RecordingProxy, create_stream,
     kinesis, kinesis_client, publish_all, read_all_records, unique_stream_name, wait_for_records,
 };
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, PubAckReason};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -456,4 +465,271 @@ async fn load_publisher_survives_a_graceful_broker_restart() {
     let log = broker.log();
     assert!(log.contains("mosquitto terminated"), "{log}");
     assert!(log.contains("persistence"), "{log}");
+}
+
+/// A client that trusts `pki`'s CA and presents `identity`.
+fn tls_client(pki: &TestPki, identity: &CertFiles) -> ClientTls {
+    ClientTls::new(pki.ca_file()).identity(identity)
+}
+
+/// True for a PUBACK that took the message.
+fn accepted(answer: &PublishAnswer) -> bool {
+    matches!(
+        answer,
+        PublishAnswer::PubAck(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+    )
+}
+
+/// The client's error for a connection that failed before any CONNACK; panics otherwise.
+fn not_connected(what: &str, answer: PublishAnswer) -> String {
+    match answer {
+        PublishAnswer::NotConnected(error) => error,
+        other => panic!("{what}: expected the connection to fail, got {other:?}"),
+    }
+}
+
+/// Waits until the broker's log holds `text` `times` times (it may write a line just after the
+/// client saw the outcome); panics with the log after 5 s.
+async fn wait_for_log(broker: &Mosquitto, text: &str, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = broker.log();
+        if log.matches(text).count() >= times {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{text:?} not {times} times in:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn tls_client_with_a_certificate_reaches_a_tls_subscriber() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(TlsBroker {
+        require_certificate: true,
+        ..TlsBroker::new(&pki)
+    });
+    let url = broker.tls_url();
+    assert_eq!(url, format!("mqtts://127.0.0.1:{}", broker.tls_port()));
+
+    let ksm = tls_client(&pki, &pki.client("ksm"));
+    let mut subscriber = Subscriber::subscribe_tls(&url, &ksm, "/devices/+/event").await;
+    let device = tls_client(&pki, &pki.client("1001"));
+    let event = r#"{"eventType":"tls"}"#;
+    publish_all_tls(&url, &device, &[("/devices/1001/event", event)]).await;
+    let got = subscriber
+        .recv(WAIT)
+        .await
+        .expect("the message sent over TLS");
+    assert_eq!(got.topic, "/devices/1001/event");
+    assert_eq!(got.payload, event.as_bytes());
+
+    // The server certificate names `localhost` too.
+    let by_name = format!("mqtts://localhost:{}", broker.tls_port());
+    publish_all_tls(&by_name, &device, &[("/devices/1001/event", "by name")]).await;
+    let got = subscriber
+        .recv(WAIT)
+        .await
+        .expect("the message sent to localhost");
+    assert_eq!(got.payload, b"by name");
+    assert_eq!(subscriber.recv(Duration::from_millis(300)).await, None);
+}
+
+#[tokio::test]
+async fn tls_broker_requiring_certificates_refuses_a_client_without_one() {
+    let pki = TestPki::new();
+    let anonymous = ClientTls::new(pki.ca_file());
+    let topic = "/devices/1/event";
+
+    let optional = Mosquitto::start_tls(TlsBroker::new(&pki));
+    let answer = publish_one_tls(&optional.tls_url(), &anonymous, topic, vec![1]).await;
+    assert!(accepted(&answer), "{answer:?}");
+
+    let required = Mosquitto::start_tls(TlsBroker {
+        require_certificate: true,
+        ..TlsBroker::new(&pki)
+    });
+    let answer = publish_one_tls(&required.tls_url(), &anonymous, topic, vec![1]).await;
+    let error = not_connected("no client certificate", answer);
+    // TLS 1.3: the client finishes its handshake, then reads the broker's alert.
+    assert!(error.contains("CertificateRequired"), "{error}");
+    wait_for_log(&required, "peer did not return a certificate", 1).await;
+}
+
+#[tokio::test]
+async fn device_acl_lets_a_device_publish_only_under_its_own_id() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(TlsBroker {
+        plain_listener: true,
+        ..TlsBroker::device_identity(&pki)
+    });
+    let url = broker.tls_url();
+    let ksm = tls_client(&pki, &pki.client("ksm"));
+    let mut subscriber = Subscriber::subscribe_tls(&url, &ksm, "/devices/#").await;
+    let device = tls_client(&pki, &pki.client("1001"));
+
+    // Mosquitto answers a publish its ACL refuses with PUBACK "not authorized".
+    let other = publish_one_tls(&url, &device, "/devices/1002/event", b"not mine".to_vec()).await;
+    assert_eq!(other, PublishAnswer::PubAck(PubAckReason::NotAuthorized));
+    let own = publish_one_tls(&url, &device, "/devices/1001/event", b"mine".to_vec()).await;
+    assert!(accepted(&own), "{own:?}");
+    // ksm may only read.
+    let by_ksm = publish_one_tls(&url, &ksm, "/devices/1001/event", b"ksm".to_vec()).await;
+    assert_eq!(by_ksm, PublishAnswer::PubAck(PubAckReason::NotAuthorized));
+    // The plain listener has no ACL.
+    publish_all(&broker.url(), &[("/devices/1003/event", "plain")]).await;
+
+    let got = subscriber.recv_n(2, WAIT).await;
+    let seen: Vec<(&str, &[u8])> = got
+        .iter()
+        .map(|m| (m.topic.as_str(), m.payload.as_slice()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/devices/1001/event", b"mine".as_slice()),
+            ("/devices/1003/event", b"plain".as_slice())
+        ]
+    );
+    assert_eq!(subscriber.recv(Duration::from_millis(300)).await, None);
+    // The certificate's CN is the username.
+    wait_for_log(&broker, "u'1001')", 2).await;
+}
+
+#[tokio::test]
+async fn broker_refuses_expired_not_yet_valid_and_foreign_client_certificates() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(TlsBroker::device_identity(&pki));
+    let url = broker.tls_url();
+    let topic = "/devices/1001/event";
+    let valid = tls_client(&pki, &pki.client("1001"));
+    let answer = publish_one_tls(&url, &valid, topic, vec![1]).await;
+    assert!(accepted(&answer), "{answer:?}");
+    for (what, identity, alert) in [
+        ("expired", pki.expired_client("1001"), "CertificateExpired"),
+        (
+            "not yet valid",
+            pki.not_yet_valid_client("1001"),
+            "BadCertificate",
+        ),
+        ("from another CA", pki.foreign_client("1001"), "UnknownCA"),
+    ] {
+        let answer = publish_one_tls(&url, &tls_client(&pki, &identity), topic, vec![1]).await;
+        let error = not_connected(what, answer);
+        assert!(error.contains(alert), "{what}: {error}");
+    }
+    wait_for_log(&broker, "certificate verify failed", 3).await;
+}
+
+#[tokio::test]
+async fn tls_clients_refuse_a_broker_they_cannot_verify() {
+    let pki = TestPki::new();
+    let trusting = ClientTls::new(pki.ca_file());
+    let topic = "/devices/1/event";
+    for (what, server, error_part) in [
+        ("wrong name", pki.wrong_name_server(), "not valid for name"),
+        ("expired", pki.expired_server(), "certificate expired"),
+    ] {
+        let broker = Mosquitto::start_tls(TlsBroker {
+            server,
+            ..TlsBroker::new(&pki)
+        });
+        let answer = publish_one_tls(&broker.tls_url(), &trusting, topic, vec![1]).await;
+        let error = not_connected(what, answer);
+        assert!(error.contains(error_part), "{what}: {error}");
+    }
+
+    let broker = Mosquitto::start_tls(TlsBroker {
+        plain_listener: true,
+        ..TlsBroker::new(&pki)
+    });
+    let stranger = ClientTls::new(pki.other_ca_file());
+    let answer = publish_one_tls(&broker.tls_url(), &stranger, topic, vec![1]).await;
+    let error = not_connected("other CA", answer);
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    let plain_port = format!("mqtts://127.0.0.1:{}", broker.port());
+    let answer = publish_one_tls(&plain_port, &trusting, topic, vec![1]).await;
+    not_connected("TLS to the plain port", answer);
+    let answer = publish_one_tls(&broker.tls_url(), &trusting, topic, vec![1]).await;
+    assert!(accepted(&answer), "{answer:?}");
+}
+
+#[tokio::test]
+async fn client_keys_of_every_kind_renewal_and_an_unmatched_key() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(TlsBroker::device_identity(&pki));
+    let url = broker.tls_url();
+    let topic = "/devices/1001/event";
+    for kind in [KeyKind::EcP256, KeyKind::Ed25519, KeyKind::Rsa2048] {
+        let identity = pki.client_with_key("1001", kind);
+        let key = std::fs::read_to_string(&identity.key).expect("read the key");
+        assert!(
+            key.starts_with("-----BEGIN PRIVATE KEY-----"),
+            "{kind:?}: {key}"
+        );
+        let answer = publish_one_tls(&url, &tls_client(&pki, &identity), topic, vec![1]).await;
+        assert!(accepted(&answer), "{kind:?}: {answer:?}");
+    }
+
+    let first = pki.client("1001");
+    let renewed = pki.renew_client("1001");
+    assert_eq!((&first.cert, &first.key), (&renewed.cert, &renewed.key));
+    assert_ne!(first.serial, renewed.serial);
+    assert!(renewed.not_after > first.not_after, "{first:?} {renewed:?}");
+    let der = CertificateDer::from_pem_file(&renewed.cert).expect("the renewed certificate");
+    let serial: Vec<u8> = (0..renewed.serial.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&renewed.serial[i..i + 2], 16).expect("hex"))
+        .collect();
+    assert!(
+        der.windows(serial.len()).any(|w| w == serial.as_slice()),
+        "the file holds the renewed certificate"
+    );
+    let answer = publish_one_tls(&url, &tls_client(&pki, &renewed), topic, vec![1]).await;
+    assert!(accepted(&answer), "{answer:?}");
+
+    let unmatched = PrivateKeyDer::from_pem_file(pki.unmatched_key()).expect("the unmatched key");
+    let pair = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_client_auth_cert(vec![der], unmatched);
+    let error = pair.expect_err("a key that does not match the certificate");
+    assert!(
+        matches!(error, rustls::Error::InconsistentKeys(_)),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn password_file_on_the_tls_listener() {
+    let pki = TestPki::new();
+    let broker = Mosquitto::start_tls(TlsBroker {
+        passwords: vec![
+            ("device-7".into(), "secret".into()),
+            ("device-8".into(), "other".into()),
+        ],
+        ..TlsBroker::new(&pki)
+    });
+    let url = broker.tls_url();
+    let tls = ClientTls::new(pki.ca_file());
+    let publish = |user: &str, password: Option<&str>| {
+        let mut options = tls_options(&url, "ksm-tests-password", &tls);
+        if let Some(password) = password {
+            options.set_credentials(user, password);
+        }
+        publish_one_with(options, "/devices/7/event", vec![1])
+    };
+    let right = publish("device-7", Some("secret")).await;
+    assert!(accepted(&right), "{right:?}");
+    let second = publish("device-8", Some("other")).await;
+    assert!(accepted(&second), "{second:?}");
+    let refused = PublishAnswer::ConnectRefused(ConnectReturnCode::NotAuthorized);
+    assert_eq!(publish("device-7", Some("guess")).await, refused);
+    assert_eq!(publish("device-7", None).await, refused);
 }

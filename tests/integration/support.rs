@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ksm_host::admin_client::{AdminClient, AdminClientError};
+use ksm_host::admin_client::AdminClient;
 use ksm_tests::{
     Mosquitto, Moto, ReadRecord, TempDir, aws_env, create_stream, free_port, guest_wasm,
     kinesis_client, ksm_binary, publish_all, unique_stream_name, wait_for_records,
@@ -267,7 +267,7 @@ impl Ksm {
     fn spawn(&mut self) {
         self.spawn_unchecked();
         let deadline = Instant::now() + START_TIMEOUT;
-        while !matches!(http_get(self.admin, "/api/health"), Ok((200, _))) {
+        while !matches!(self.admin().request("GET", "/api/health"), Ok((200, _))) {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -307,7 +307,7 @@ impl Ksm {
             .child
             .as_mut()
             .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
-        running && matches!(http_get(self.admin, "/api/health"), Ok((200, _)))
+        running && matches!(self.admin().request("GET", "/api/health"), Ok((200, _)))
     }
 
     /// The most memory the process has held so far (its `VmHWM`), MiB.
@@ -324,6 +324,17 @@ impl Ksm {
         kib / 1024
     }
 
+    /// A client for the host's admin API, with the token the host was
+    /// started with (`KSM_ADMIN_TOKEN` in its environment).
+    pub fn admin(&self) -> AdminClient {
+        let token = self
+            .env
+            .iter()
+            .find(|(name, _)| name == ksm_host::config::TOKEN_ENV)
+            .map(|(_, token)| token.clone());
+        AdminClient::new(self.admin).with_token(token)
+    }
+
     /// The host's own log output.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("ksm.log")).unwrap_or_default()
@@ -331,7 +342,9 @@ impl Ksm {
 
     /// GETs an admin API path and parses the JSON answer.
     pub fn get(&self, path: &str) -> serde_json::Value {
-        let (status, body) = http_get(self.admin, path)
+        let (status, body) = self
+            .admin()
+            .request("GET", path)
             .unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()));
         assert_eq!(status, 200, "GET {path}: {body}");
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
@@ -339,7 +352,9 @@ impl Ksm {
 
     /// GETs an admin API path and returns the status and body.
     pub fn get_raw(&self, path: &str) -> (u16, String) {
-        http_get(self.admin, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        self.admin()
+            .request("GET", path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// The configuration file the host runs with.
@@ -371,7 +386,7 @@ impl Ksm {
 
     /// POSTs to an admin API path and returns the status and body.
     pub fn post(&self, path: &str) -> (u16, String) {
-        AdminClient::new(self.admin)
+        self.admin()
             .request("POST", path)
             .unwrap_or_else(|e| panic!("POST {path}: {e}"))
     }
@@ -484,11 +499,6 @@ fn admin_addr(config: &str) -> SocketAddr {
         .expect("a socket address")
 }
 
-/// GETs an admin API path: the status and body.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminClientError> {
-    AdminClient::new(addr).request("GET", path)
-}
-
 /// Runs `ksm` with arguments in the workspace root (where the example
 /// configs' relative paths point) and returns (success, stdout, stderr).
 pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
@@ -516,7 +526,8 @@ pub fn dead_letter_data(letter: &serde_json::Value) -> Vec<u8> {
 impl Ksm {
     /// DELETEs an admin API path and parses the JSON answer (which must be 200).
     pub fn delete(&self, path: &str) -> serde_json::Value {
-        let (status, body) = AdminClient::new(self.admin)
+        let (status, body) = self
+            .admin()
             .request("DELETE", path)
             .unwrap_or_else(|e| panic!("DELETE {path}: {e}"));
         assert_eq!(status, 200, "DELETE {path}: {body}");

@@ -49,6 +49,7 @@ pub mod moto;
 pub mod mqtt;
 pub mod process;
 pub mod proxy;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

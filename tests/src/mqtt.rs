@@ -1,13 +1,26 @@
-//! MQTT 5 clients for tests (rumqttc): publish and wait for every acknowledgement, publish one
-//! message and see what the broker answers (also over MQTT 3.1.1), subscribe and receive.
+//! MQTT 5 clients for tests (rumqttc), over TCP or TLS ([`ClientTls`]): publish and wait for
+//! every acknowledgement, publish one message and see what the broker answers (also over MQTT
+//! 3.1.1), subscribe and receive.
+//!
+//! Each helper comes in three forms: for a `mqtt://` URL (`publish_all`), for a `mqtts://` URL
+//! with a [`ClientTls`] (`publish_all_tls`), and for any [`MqttOptions`] (`publish_all_with`,
+//! e.g. with a username and password).
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::Error as MqttBytesError;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
+use rumqttc::{TlsConfiguration, Transport};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
+
+use crate::tls::CertFiles;
 
 /// The largest packet the test clients send or accept (the broker's default is unlimited).
 const MAX_PACKET_SIZE: u32 = 256 * 1024 * 1024;
@@ -18,12 +31,21 @@ const PER_MESSAGE_TIMEOUT: Duration = Duration::from_millis(100);
 /// The fixed allowance for connecting and publishing.
 const BASE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Splits `mqtt://host:port` (or `tcp://`, or a bare `host:port`) into host and port.
+/// Splits `mqtt://host:port` (or `tcp://`, `mqtts://`, `ssl://`, or a bare `host:port`) into
+/// host and port; without a port, 1883 (8883 for `mqtts://` and `ssl://`).
 pub fn parse_url(url: &str) -> (String, u16) {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .unwrap_or(url);
+    let (rest, default_port) = if let Some(rest) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (rest, 8883)
+    } else {
+        let rest = url
+            .strip_prefix("mqtt://")
+            .or_else(|| url.strip_prefix("tcp://"))
+            .unwrap_or(url);
+        (rest, 1883)
+    };
     let rest = rest.split(['/', '?']).next().unwrap_or(rest);
     match rest.rsplit_once(':') {
         Some((host, port)) => (
@@ -31,8 +53,77 @@ pub fn parse_url(url: &str) -> (String, u16) {
             port.parse()
                 .unwrap_or_else(|e| panic!("bad port in MQTT url {url:?}: {e}")),
         ),
-        None => (rest.to_owned(), 1883),
+        None => (rest.to_owned(), default_port),
     }
+}
+
+/// TLS for a test client: the CA certificates it trusts for the broker's certificate (checked
+/// against the URL's host, an IP address or a DNS name) and, optionally, the certificate it
+/// presents. TLS 1.2 and 1.3 on rustls with aws-lc-rs, as ksm has.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// PEM file of the CA certificates the client trusts.
+    pub ca_file: PathBuf,
+    /// The certificate and key the client presents, if any.
+    pub identity: Option<CertFiles>,
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in `ca_file`; presents no certificate.
+    pub fn new(ca_file: &Path) -> ClientTls {
+        ClientTls {
+            ca_file: ca_file.to_owned(),
+            identity: None,
+        }
+    }
+
+    /// The same, presenting `identity`'s certificate and key.
+    pub fn identity(mut self, identity: &CertFiles) -> ClientTls {
+        self.identity = Some(identity.clone());
+        self
+    }
+
+    /// The rustls client configuration. Panics if a file cannot be read or parsed, or the key
+    /// does not match the certificate.
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        for cert in read_certs(&self.ca_file) {
+            roots
+                .add(cert)
+                .unwrap_or_else(|e| panic!("CA certificate in {}: {e}", self.ca_file.display()));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|e| panic!("TLS protocol versions: {e}"))
+            .with_root_certificates(roots);
+        let config = match &self.identity {
+            None => builder.with_no_client_auth(),
+            Some(identity) => {
+                let key = PrivateKeyDer::from_pem_file(&identity.key)
+                    .unwrap_or_else(|e| panic!("read key {}: {e}", identity.key.display()));
+                builder
+                    .with_client_auth_cert(read_certs(&identity.cert), key)
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "client certificate {} with key {}: {e}",
+                            identity.cert.display(),
+                            identity.key.display()
+                        )
+                    })
+            }
+        };
+        Arc::new(config)
+    }
+}
+
+/// Every certificate in the PEM file at `path` (at least one).
+fn read_certs(path: &Path) -> Vec<CertificateDer<'static>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect())
+        .unwrap_or_else(|e| panic!("read certificates from {}: {e}", path.display()));
+    assert!(!certs.is_empty(), "no certificate in {}", path.display());
+    certs
 }
 
 /// Options for a test client with a unique id, clean start, and large packets allowed.
@@ -46,6 +137,21 @@ pub fn options(url: &str, client_id_prefix: &str) -> MqttOptions {
     options
 }
 
+/// Like [`options`] for a `mqtts://` URL, connecting with `tls`.
+pub fn tls_options(url: &str, client_id_prefix: &str, tls: &ClientTls) -> MqttOptions {
+    let mut options = options(url, client_id_prefix);
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        tls.client_config(),
+    )));
+    options
+}
+
+/// `host:port` of the broker `options` connect to, for messages.
+fn broker(options: &MqttOptions) -> String {
+    let (host, port) = options.broker_address();
+    format!("{host}:{port}")
+}
+
 /// Publishes every `(topic, payload)` with QoS 1 over one MQTT 5 connection and returns once
 /// the broker has acknowledged all of them (`PUBACK` success or "no matching subscribers").
 ///
@@ -56,6 +162,25 @@ where
     T: AsRef<str>,
     P: AsRef<[u8]>,
 {
+    publish_all_with(options(url, "ksm-tests-pub"), messages).await;
+}
+
+/// Like [`publish_all`] over TLS, to a `mqtts://` URL.
+pub async fn publish_all_tls<T, P>(url: &str, tls: &ClientTls, messages: &[(T, P)])
+where
+    T: AsRef<str>,
+    P: AsRef<[u8]>,
+{
+    publish_all_with(tls_options(url, "ksm-tests-pub", tls), messages).await;
+}
+
+/// Like [`publish_all`], connecting with `options`.
+pub async fn publish_all_with<T, P>(options: MqttOptions, messages: &[(T, P)])
+where
+    T: AsRef<str>,
+    P: AsRef<[u8]>,
+{
+    let url = broker(&options);
     let owned: Vec<(String, Vec<u8>)> = messages
         .iter()
         .map(|(t, p)| (t.as_ref().to_owned(), p.as_ref().to_vec()))
@@ -65,7 +190,7 @@ where
         return;
     }
     let timeout = BASE_TIMEOUT + PER_MESSAGE_TIMEOUT * u32::try_from(expected).unwrap_or(u32::MAX);
-    let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-pub"), 64);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
 
     let publish = async {
         for (topic, payload) in owned {
@@ -114,6 +239,11 @@ pub enum PublishAnswer {
     Disconnected(DisconnectReasonCode),
     /// The connection ended without a PUBACK or DISCONNECT: the client's error.
     ConnectionLost(String),
+    /// The broker refused the connection in its CONNACK, with this reason.
+    ConnectRefused(ConnectReturnCode),
+    /// The connection failed before any CONNACK (nothing listening, or the TLS handshake
+    /// failed: either side refused the other's certificate): the client's error.
+    NotConnected(String),
 }
 
 /// The size of a QoS 1 PUBLISH packet without properties: fixed header (type byte and the
@@ -131,11 +261,32 @@ pub fn qos1_publish_packet_size(topic: &str, payload_len: usize) -> usize {
 }
 
 /// Publishes one message with QoS 1 over a fresh MQTT 5 connection and returns what came of
-/// it, refusals included, instead of panicking.
+/// it, refusals of the connection or the message included, instead of panicking.
 ///
-/// Panics only if the broker cannot be reached, or gives no answer within 30 s.
+/// Panics only if the broker gives no answer within 30 s.
 pub async fn publish_one(url: &str, topic: &str, payload: Vec<u8>) -> PublishAnswer {
-    let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-pub-one"), 8);
+    publish_one_with(options(url, "ksm-tests-pub-one"), topic, payload).await
+}
+
+/// Like [`publish_one`] over TLS, to a `mqtts://` URL: whether the broker took the
+/// connection (and `tls`'s client certificate), and then the message (e.g. under its ACL).
+pub async fn publish_one_tls(
+    url: &str,
+    tls: &ClientTls,
+    topic: &str,
+    payload: Vec<u8>,
+) -> PublishAnswer {
+    publish_one_with(tls_options(url, "ksm-tests-pub-one", tls), topic, payload).await
+}
+
+/// Like [`publish_one`], connecting with `options`.
+pub async fn publish_one_with(
+    options: MqttOptions,
+    topic: &str,
+    payload: Vec<u8>,
+) -> PublishAnswer {
+    let url = broker(&options);
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
     client
         .publish(topic, QoS::AtLeastOnce, false, payload)
         .await
@@ -165,8 +316,11 @@ pub async fn publish_one(url: &str, topic: &str, payload: Vec<u8>) -> PublishAns
                     reason_code,
                     ..
                 })) => return PublishAnswer::Disconnected(reason_code),
+                Err(ConnectionError::ConnectionRefused(code)) => {
+                    return PublishAnswer::ConnectRefused(code);
+                }
                 Err(e) if connected => return PublishAnswer::ConnectionLost(e.to_string()),
-                Err(e) => panic!("cannot connect to the MQTT broker at {url}: {e}"),
+                Err(e) => return PublishAnswer::NotConnected(e.to_string()),
             }
         }
     };
@@ -247,8 +401,21 @@ pub struct Subscriber {
 
 impl Subscriber {
     /// Connects to `url`, subscribes to `filter` and returns once the broker sent `SUBACK`.
+    ///
+    /// Panics if the connection fails or the broker refuses the subscription.
     pub async fn subscribe(url: &str, filter: &str) -> Subscriber {
-        let (client, mut eventloop) = AsyncClient::new(options(url, "ksm-tests-sub"), 64);
+        Subscriber::subscribe_with(options(url, "ksm-tests-sub"), filter).await
+    }
+
+    /// Like [`Subscriber::subscribe`] over TLS, to a `mqtts://` URL.
+    pub async fn subscribe_tls(url: &str, tls: &ClientTls, filter: &str) -> Subscriber {
+        Subscriber::subscribe_with(tls_options(url, "ksm-tests-sub", tls), filter).await
+    }
+
+    /// Like [`Subscriber::subscribe`], connecting with `options`.
+    pub async fn subscribe_with(options: MqttOptions, filter: &str) -> Subscriber {
+        let url = broker(&options);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
         client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
@@ -348,5 +515,10 @@ mod tests {
         assert_eq!(parse_url("tcp://localhost:1"), ("localhost".into(), 1));
         assert_eq!(parse_url("mqtt://broker"), ("broker".into(), 1883));
         assert_eq!(parse_url("127.0.0.1:9/x"), ("127.0.0.1".into(), 9));
+        assert_eq!(
+            parse_url("mqtts://localhost:8884"),
+            ("localhost".into(), 8884)
+        );
+        assert_eq!(parse_url("ssl://broker"), ("broker".into(), 8883));
     }
 }

@@ -25,11 +25,12 @@ use crate::clock;
 use crate::components::Swap;
 use crate::config::DeviceConfig;
 use crate::kinesis::check_record;
+use crate::metrics::TrapKind;
 use crate::module::Module;
 use crate::pipeline::commit::{Job, Staged};
 use crate::pipeline::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
 use crate::pipeline::source::{Message, Replay, ReplayRecord, Topic};
-use crate::runtime::Guest;
+use crate::runtime::{CallResult, Guest, GuestFault};
 use crate::store::dead_letter::DeadLetter;
 use crate::store::spool::SpoolRecord;
 use answer::{Budget, Outcome, Produced};
@@ -237,7 +238,7 @@ impl Router {
                         device_ip: None,
                         received_at: received_at.clone(),
                     };
-                    let answer = route.guest.device_event(&context, payload);
+                    let answer = timed(module, || route.guest.device_event(&context, payload));
                     answer::events(answer, payload.len(), budget)
                 }
                 (Ok(Topic::HomeEvent { home_id }), _) => {
@@ -247,11 +248,12 @@ impl Router {
                         project_key_name: None,
                         received_at: received_at.clone(),
                     };
-                    let answer = route.guest.home_event(&context, payload);
+                    let answer = timed(module, || route.guest.home_event(&context, payload));
                     answer::events(answer, payload.len(), budget)
                 }
                 (Ok(Topic::BulkData { device_id, label }), _) => {
-                    let answer = route.guest.bulk_data(*device_id, label, payload);
+                    let answer =
+                        timed(module, || route.guest.bulk_data(*device_id, label, payload));
                     answer::bulk(answer, payload, &message.topic, budget)
                 }
             };
@@ -272,6 +274,22 @@ impl Router {
             charge: message.charge,
         });
     }
+}
+
+/// Runs a guest call, timing it and counting how it ended badly, if it did.
+fn timed<T>(module: &Module, call: impl FnOnce() -> CallResult<T>) -> CallResult<T> {
+    let started = std::time::Instant::now();
+    let answer = call();
+    let metrics = &module.metrics;
+    metrics.guest_call.observe(started.elapsed());
+    if let Err(error) = &answer {
+        metrics.guest_trapped(match error.fault() {
+            Some(GuestFault::Memory { .. } | GuestFault::Table { .. }) => TrapKind::Memory,
+            Some(_) => TrapKind::Deadline,
+            None => TrapKind::Trap,
+        });
+    }
+    answer
 }
 
 /// The module that keeps a message whose topic is not a MODE topic (one
@@ -319,6 +337,8 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
         return None;
     }
     let mut records = Vec::with_capacity(produced.len());
+    let received_ms =
+        u64::try_from(message.received_at.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
     for (index, record) in produced.into_iter().enumerate() {
         let size = record.data.len() + record.partition_key.len();
         match check_record(
@@ -326,12 +346,16 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
             record.explicit_hash_key.as_deref(),
             size,
         ) {
-            Ok(()) => records.push(SpoolRecord::new(
-                record.data,
-                &record.partition_key,
-                record.explicit_hash_key.as_deref(),
-                message.topic.clone(),
-            )),
+            Ok(()) => {
+                let mut spooled = SpoolRecord::new(
+                    record.data,
+                    &record.partition_key,
+                    record.explicit_hash_key.as_deref(),
+                    message.topic.clone(),
+                );
+                spooled.received_ms = received_ms;
+                records.push(spooled);
+            }
             Err(reason) => letters.push(DeadLetter::for_record(
                 format!(
                     "the module's component returned a record Kinesis would refuse \

@@ -400,6 +400,7 @@ mod tests {
             topic: "/devices/1/event".into(),
             size: 10 + key.len(),
             data: bytes::Bytes::from(vec![0u8; 10]),
+            received_ms: 0,
         }
     }
 

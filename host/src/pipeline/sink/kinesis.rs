@@ -113,6 +113,17 @@ enum PutError {
 }
 
 impl PutError {
+    /// Its Kinesis error code, or what happened when it has none.
+    fn code(&self) -> &str {
+        match self {
+            PutError::Throttled { code, .. }
+            | PutError::Stream { code, .. }
+            | PutError::Refused { code, .. } => code,
+            PutError::Server(_) => "server_error",
+            PutError::Unreachable(_) => "unreachable",
+        }
+    }
+
     /// The failure as the backlog weighs it.
     fn failure(&self) -> Failure {
         let kind = match self {
@@ -226,6 +237,8 @@ struct Answered {
     records: Vec<SpoolRecord>,
     bytes: usize,
     result: PutRecordsAnswer,
+    /// How long the request took.
+    took: Duration,
 }
 
 /// One module's sink task.
@@ -541,12 +554,15 @@ impl KinesisSink {
         self.in_flight_bytes += bytes;
         self.in_flight_records += records.len();
         self.last_start = Instant::now();
+        Counters::add(&self.module.metrics.put_requests, 1);
         self.in_flight.spawn(async move {
+            let started = Instant::now();
             let result = request.await;
             Answered {
                 records,
                 bytes,
                 result,
+                took: started.elapsed(),
             }
         });
     }
@@ -557,7 +573,9 @@ impl KinesisSink {
             records,
             bytes,
             result,
+            took,
         } = answered;
+        self.module.metrics.put_duration.observe(took);
         self.in_flight_bytes -= bytes;
         self.in_flight_records -= records.len();
         let pause = match result {
@@ -605,6 +623,7 @@ impl KinesisSink {
                     failures.push(None);
                 }
                 Some(code) => {
+                    self.module.metrics.put_failed(code, 1);
                     let failure = entry_failure(code, result.error_message().unwrap_or_default());
                     if failure.kind == FailureKind::Throttled {
                         throttled += 1;
@@ -635,6 +654,7 @@ impl KinesisSink {
             );
         }
         Counters::add(&self.module.counters.forwarded, accepted.len() as u64);
+        self.observe_delivery(&records, &verdicts);
         let failed = retried(&verdicts);
         Counters::add(&self.module.counters.throttled, throttled);
         if failed > 0 {
@@ -663,6 +683,38 @@ impl KinesisSink {
         let done = self.give_up(&records, &verdicts);
         self.complete(&records, &done);
         None
+    }
+
+    /// Observes, for each accepted record whose receive time is known, how
+    /// long it took from ksm receiving its message until now.
+    fn observe_delivery(&self, records: &[SpoolRecord], verdicts: &[Verdict]) {
+        let now_ms = u64::try_from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        let delivery = &self.module.metrics.delivery;
+        // Records of one message are adjacent and share their receive time.
+        let mut run: Option<(u64, u64)> = None;
+        for (record, verdict) in records.iter().zip(verdicts) {
+            if *verdict != Verdict::Accepted || record.received_ms == 0 {
+                continue;
+            }
+            match &mut run {
+                Some((at, n)) if *at == record.received_ms => *n += 1,
+                _ => {
+                    if let Some((at, n)) = run {
+                        delivery.observe_many(Duration::from_millis(now_ms.saturating_sub(at)), n);
+                    }
+                    run = Some((record.received_ms, 1));
+                }
+            }
+        }
+        if let Some((at, n)) = run {
+            delivery.observe_many(Duration::from_millis(now_ms.saturating_sub(at)), n);
+        }
     }
 
     /// Counts and logs the records Kinesis failed while it accepted a later
@@ -718,6 +770,7 @@ impl KinesisSink {
         let verdicts = self
             .backlog
             .settle(&records, Answer::Request(&error.failure()), now);
+        self.module.metrics.put_failed(error.code(), 1);
         let stream = &self.module.config.stream_name;
         let log = &self.module.log;
         match &error {

@@ -4,7 +4,7 @@ pub mod mqtt;
 pub mod topic;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use time::OffsetDateTime;
@@ -50,11 +50,15 @@ pub struct ReplayRecord {
     pub explicit_hash_key: Option<String>,
 }
 
-/// Whether the source is connected and subscribed: the host is ready when it is.
+/// Whether the source is connected and subscribed (the host is ready when
+/// it is), how often its connection failed, and what it has yet to
+/// acknowledge.
 #[derive(Debug, Default)]
 pub struct SourceStatus {
     connected: AtomicBool,
     subscribed: AtomicBool,
+    connection_failures: AtomicU64,
+    unacknowledged: AtomicU64,
 }
 
 impl SourceStatus {
@@ -70,9 +74,29 @@ impl SourceStatus {
         self.subscribed.store(true, Ordering::Release);
     }
 
-    /// Records a lost connection.
+    /// Records a failed or lost connection.
     pub fn disconnected(&self) {
         self.connected.store(false, Ordering::Release);
+        self.connection_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed or lost connections since start.
+    pub fn connection_failures(&self) -> u64 {
+        self.connection_failures.load(Ordering::Relaxed)
+    }
+
+    /// Records a QoS 1 message received (`true`) or acknowledged (`false`).
+    pub fn unacknowledged_changed(&self, received: bool) {
+        if received {
+            self.unacknowledged.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// QoS 1 messages received and not yet acknowledged.
+    pub fn unacknowledged(&self) -> u64 {
+        self.unacknowledged.load(Ordering::Relaxed)
     }
 
     /// Connected, and messages on every MODE topic reach ksm.

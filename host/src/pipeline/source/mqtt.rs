@@ -6,6 +6,10 @@
 //! (see [`crate::pipeline::ack`]); MQTT 5's Receive Maximum lets many messages be in
 //! flight at once despite the late acknowledgements.
 //!
+//! With `mqtts://`, the connection is TLS (see [`crate::tls::client`]); the
+//! certificate, key and password files are read again before every
+//! reconnection, so a rotated certificate is used without a restart.
+//!
 //! With `mqtt.shared_group` set, ksm subscribes through shared subscriptions
 //! (`$share/{group}/{filter}`), so the broker hands each message to one of
 //! the hosts in the group.
@@ -15,16 +19,19 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::activity::Level;
-use crate::config::{MqttConfig, broker_address};
+use crate::config::{Broker, MqttConfig};
 use crate::module::Module;
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::{Charge, InFlight};
 use crate::pipeline::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
+use crate::tls::CertificateSummary;
+use crate::tls::client::{broker_config, explain};
 
 /// Pause before reconnecting after the connection failed.
 const RECONNECT_DELAY: Duration = Duration::from_secs(1);
@@ -39,6 +46,12 @@ pub struct MqttSource {
     status: Arc<SourceStatus>,
     filters: Vec<String>,
     inflight: Arc<InFlight>,
+    config: MqttConfig,
+    broker: Broker,
+    /// ksm's client certificate in the TLS configuration in use.
+    client_certificate: Option<CertificateSummary>,
+    /// A CONNACK came since the connection last failed.
+    connected: bool,
 }
 
 impl MqttSource {
@@ -49,8 +62,9 @@ impl MqttSource {
         status: Arc<SourceStatus>,
         inflight: Arc<InFlight>,
     ) -> Result<Self, String> {
-        let (host, port) = broker_address(&config.url)?;
-        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+        let broker = Broker::parse(&config.url)?;
+        let mut options =
+            MqttOptions::new(config.client_id.clone(), broker.host.clone(), broker.port);
         options
             .set_keep_alive(Duration::from_secs(config.keep_alive_secs))
             .set_clean_start(false)
@@ -58,11 +72,9 @@ impl MqttSource {
             .set_receive_maximum(Some(config.receive_maximum))
             .set_max_packet_size(Some(config.max_packet_bytes))
             .set_manual_acks(true);
-        if let Some(username) = &config.username {
-            options.set_credentials(
-                username.clone(),
-                config.password.clone().unwrap_or_default(),
-            );
+        let client_certificate = connection_settings(config, &broker, &mut options)?;
+        if let Some(certificate) = &client_certificate {
+            tracing::info!("TLS client certificate for the MQTT broker: {certificate}");
         }
         // Room for one acknowledgement per message in flight, plus subscriptions.
         let requests = usize::from(config.receive_maximum) + 64;
@@ -81,6 +93,103 @@ impl MqttSource {
             status,
             filters,
             inflight,
+            config: config.clone(),
+            broker,
+            client_certificate,
+            connected: false,
+        })
+    }
+
+    /// Reads the password, certificate and key files again for the next
+    /// connection; logs (and keeps the settings before) if they are unusable.
+    fn reread_settings(&mut self) {
+        match connection_settings(&self.config, &self.broker, &mut self.eventloop.options) {
+            Ok(certificate) => {
+                if certificate != self.client_certificate
+                    && let Some(certificate) = &certificate
+                {
+                    let message = format!(
+                        "TLS client certificate for the MQTT broker changed: now {certificate}"
+                    );
+                    tracing::info!("{message}");
+                    self.log_all(Level::Info, &message);
+                }
+                self.client_certificate = certificate;
+            }
+            Err(error) => {
+                let message = format!(
+                    "cannot use the MQTT connection settings ({error}); trying the files again at \
+                     the next reconnection"
+                );
+                tracing::error!("{message}");
+                for module in self.modules.iter() {
+                    module
+                        .log
+                        .write_limited("mqtt-settings", Level::Error, &message);
+                }
+            }
+        }
+    }
+
+    /// Logs a failed or lost connection, in the host log and every module's,
+    /// with what it means when that is known.
+    fn report_connection_error(&self, error: &ConnectionError) {
+        let while_connecting = !self.connected;
+        let cause: &(dyn std::error::Error + 'static) = match io_error(error) {
+            Some(io) => io,
+            None => error,
+        };
+        let meaning = explain(cause, self.client_certificate.as_ref())
+            .or_else(|| while_connecting.then(|| self.hint_before_connack(error))?);
+        let (level, message) = match (&meaning, while_connecting) {
+            (Some(meaning), _) => (
+                Level::Error,
+                format!(
+                    "cannot connect to the MQTT broker at {}: {meaning} ({error}); retrying",
+                    self.config.url
+                ),
+            ),
+            (None, true) => (
+                Level::Warn,
+                format!(
+                    "cannot connect to the MQTT broker at {} ({error}); retrying",
+                    self.config.url
+                ),
+            ),
+            (None, false) => (
+                Level::Warn,
+                format!("lost the connection to the MQTT broker ({error}); reconnecting"),
+            ),
+        };
+        match level {
+            Level::Error => tracing::error!("{message}"),
+            _ => tracing::warn!("{message}"),
+        }
+        for module in self.modules.iter() {
+            module.log.write_limited("mqtt-connection", level, &message);
+        }
+    }
+
+    /// What a connection closed before the broker's CONNACK may mean: a
+    /// plain client at a TLS port, or TLS at a plain port.
+    fn hint_before_connack(&self, error: &ConnectionError) -> Option<String> {
+        let closed = match io_error(error) {
+            Some(error) => closed_early(error),
+            None => matches!(
+                error,
+                ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_)
+            ),
+        };
+        closed.then(|| {
+            if self.broker.tls {
+                "the broker closed the connection during the TLS handshake: if its port is a \
+                 plain MQTT port, use mqtt:// (or the broker's TLS port, usually 8883)"
+                    .to_owned()
+            } else {
+                "the broker closed the connection before answering: if its port is a TLS port \
+                 (usually 8883), use mqtts://"
+                    .to_owned()
+            }
         })
     }
 
@@ -97,6 +206,7 @@ impl MqttSource {
         let ack_tx = Arc::new(Acknowledger {
             client: self.client.clone(),
             fallback,
+            status: self.status.clone(),
         });
         let acker_client = self.client.clone();
         let mut acker = tokio::spawn(async move {
@@ -118,13 +228,10 @@ impl MqttSource {
                     }
                     Err(error) => {
                         self.status.disconnected();
-                        let message = format!(
-                            "lost the connection to the MQTT broker ({error}); reconnecting"
-                        );
-                        for module in self.modules.iter() {
-                            module.log.write_limited("mqtt-connection", Level::Warn, &message);
-                        }
+                        self.report_connection_error(&error);
+                        self.connected = false;
                         tokio::time::sleep(RECONNECT_DELAY).await;
+                        self.reread_settings();
                     }
                 },
                 _ = intake.changed(), if inbox.is_some() => {
@@ -156,6 +263,7 @@ impl MqttSource {
     ) {
         match event {
             Event::Incoming(Packet::ConnAck(connack)) => {
+                self.connected = true;
                 self.status.connected(connack.session_present);
                 self.log_all(
                     Level::Info,
@@ -242,6 +350,58 @@ impl MqttSource {
     }
 }
 
+/// Sets what may change between connections on `options`: the credentials
+/// (the password file is read again) and, for `mqtts://`, the TLS
+/// configuration from its files. Returns ksm's client certificate.
+fn connection_settings(
+    config: &MqttConfig,
+    broker: &Broker,
+    options: &mut MqttOptions,
+) -> Result<Option<CertificateSummary>, String> {
+    let password = match &config.username {
+        Some(_) => config.resolve_password()?,
+        None => None,
+    };
+    let tls = match broker.tls {
+        true => Some(broker_config(&config.tls).map_err(|error| error.to_string())?),
+        false => None,
+    };
+    if let Some(username) = &config.username {
+        options.set_credentials(username.clone(), password.unwrap_or_default());
+    }
+    Ok(tls.and_then(|tls| {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.config,
+        )));
+        tls.client_certificate
+    }))
+}
+
+/// The I/O error behind a connection error, wherever rumqttc put it (TLS
+/// alerts after the handshake come as errors reading the CONNACK).
+fn io_error(error: &ConnectionError) -> Option<&std::io::Error> {
+    use rumqttc::v5::StateError;
+    use rumqttc::v5::mqttbytes::Error as PacketError;
+    match error {
+        ConnectionError::Io(error)
+        | ConnectionError::Tls(rumqttc::TlsError::Io(error))
+        | ConnectionError::MqttState(StateError::Io(error))
+        | ConnectionError::MqttState(StateError::Deserialization(PacketError::Io(error))) => {
+            Some(error)
+        }
+        _ => None,
+    }
+}
+
+/// An I/O error that means the peer closed the connection.
+fn closed_early(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    matches!(
+        error.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
 /// A payload at least this large gets an allocation of its own.
 const OWN_ALLOCATION_BYTES: usize = 64 * 1024;
 
@@ -263,10 +423,12 @@ fn own_allocation(payload: bytes::Bytes) -> bytes::Bytes {
 struct Acknowledger {
     client: AsyncClient,
     fallback: mpsc::UnboundedSender<Publish>,
+    status: Arc<SourceStatus>,
 }
 
 impl Acknowledger {
     fn ack(&self, publish: Publish) {
+        self.status.unacknowledged_changed(false);
         if self.client.try_ack(&publish).is_err() {
             let _ = self.fallback.send(publish);
         }
@@ -283,6 +445,7 @@ fn message(publish: Publish, ack_tx: &Arc<Acknowledger>, charge: Charge) -> Mess
                 ..publish.clone()
             };
             let ack_tx = ack_tx.clone();
+            ack_tx.status.unacknowledged_changed(true);
             Box::new(move || ack_tx.ack(ack)) as crate::pipeline::ack::OnSettled
         });
     Message {

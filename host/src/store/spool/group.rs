@@ -1,8 +1,9 @@
 //! How a group of records and its index entry are laid out in the store.
 //!
 //! A group is every record one commit spooled for one module, with
-//! consecutive sequence numbers from its key. Its value (version 2):
-//! the record count (u32), then per record a flags byte (bit 0: has an
+//! consecutive sequence numbers from its key. Its value (version 3):
+//! the record count (u32), when ksm received the first record's message
+//! (u64, Unix milliseconds; version 2 has no such field), then per record a flags byte (bit 0: has an
 //! explicit hash key), the partition key, the explicit hash key if any and
 //! the topic (each a u16 length and UTF-8), the 128-bit hash key (16 bytes)
 //! and the data (a u32 length and the bytes); integers are little-endian.
@@ -18,7 +19,9 @@ use bytes::Bytes;
 
 use super::SpoolRecord;
 
-const GROUP_VERSION: u8 = 2;
+const GROUP_VERSION: u8 = 3;
+/// Groups written before receive times were kept.
+const GROUP_VERSION_WITHOUT_TIMES: u8 = 2;
 const INDEX_VERSION: u8 = 1;
 const HAS_EXPLICIT_HASH_KEY: u8 = 1;
 
@@ -31,9 +34,11 @@ pub fn encode(records: &[SpoolRecord]) -> Vec<u8> {
             1 + 2 + r.partition_key.len() + hash_key + 2 + r.topic.len() + 16 + 4 + r.data.len()
         })
         .sum();
-    let mut out = Vec::with_capacity(5 + len);
+    let mut out = Vec::with_capacity(13 + len);
     out.push(GROUP_VERSION);
     out.extend_from_slice(&(records.len() as u32).to_le_bytes());
+    let received_ms = records.first().map_or(0, |r| r.received_ms);
+    out.extend_from_slice(&received_ms.to_le_bytes());
     for record in records {
         let flags = if record.explicit_hash_key.is_some() {
             HAS_EXPLICIT_HASH_KEY
@@ -76,10 +81,15 @@ pub fn decode_into(
         at: 0,
     };
     let version = reader.take(1)?[0];
-    if version != GROUP_VERSION {
+    if version != GROUP_VERSION && version != GROUP_VERSION_WITHOUT_TIMES {
         return Err(format!("unknown group version {version}"));
     }
     let count = reader.u32()?;
+    let received_ms = if version == GROUP_VERSION {
+        u64::from_le_bytes(reader.take(8)?.try_into().map_err(|_| "receive time")?)
+    } else {
+        0
+    };
     records.reserve(count as usize);
     let mut topic: Option<Arc<str>> = None;
     for index in 0..count {
@@ -111,6 +121,7 @@ pub fn decode_into(
             hash_key,
             topic,
             data: value.slice(start..start + data_len),
+            received_ms,
         });
     }
     if reader.at != value.len() {

@@ -55,6 +55,9 @@ pub struct SpoolRecord {
     pub size: usize,
     /// The data.
     pub data: Bytes,
+    /// When ksm received its message, Unix milliseconds; 0 if unknown.
+    /// Spooled per group (a group keeps its first record's).
+    pub received_ms: u64,
 }
 
 impl SpoolRecord {
@@ -73,6 +76,7 @@ impl SpoolRecord {
             explicit_hash_key: explicit_hash_key.map(Into::into),
             topic,
             data,
+            received_ms: 0,
         }
     }
 }

@@ -1,12 +1,17 @@
 //! The configuration file (TOML): what the user writes, with defaults and a
 //! `validate()` that reports every problem with the field it concerns.
 
+mod admin;
+mod mqtt;
+
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use admin::{AdminConfig, AdminTlsConfig, TOKEN_ENV};
+pub use mqtt::{Broker, MqttConfig, MqttTlsConfig, PASSWORD_ENV};
 
 /// Kinesis refuses records larger than this, counting data plus partition key.
 pub const KINESIS_MAX_RECORD_BYTES: u32 = 1024 * 1024;
@@ -35,69 +40,6 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// The smart modules, each forwarding to one Kinesis stream.
     pub modules: Vec<ModuleConfig>,
-}
-
-/// MQTT broker connection settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct MqttConfig {
-    /// Broker URL, `mqtt://HOST:PORT` (port defaults to 1883).
-    pub url: String,
-    /// Client ID. Fixed, so the broker keeps the session (and the messages
-    /// that arrive while ksm is down) across restarts.
-    pub client_id: String,
-    /// User name, if the broker requires one.
-    pub username: Option<String>,
-    /// Password, if the broker requires one.
-    pub password: Option<String>,
-    /// Keep-alive interval, seconds.
-    pub keep_alive_secs: u64,
-    /// How long the broker keeps the session while ksm is disconnected, seconds.
-    pub session_expiry_secs: u32,
-    /// Unacknowledged QoS 1 messages the broker may have in flight to ksm
-    /// (MQTT 5 Receive Maximum).
-    pub receive_maximum: u16,
-    /// Largest MQTT packet accepted, bytes.
-    pub max_packet_bytes: u32,
-    /// Shared-subscription group: when set, ksm subscribes through
-    /// `$share/{group}/...`, so several hosts in the group split the messages.
-    pub shared_group: Option<String>,
-    /// Most payload bytes held between the broker and the store (received,
-    /// not yet committed); when full, ksm stops reading from the broker, MiB.
-    pub inflight_max_mib: u64,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        Self {
-            url: String::new(),
-            client_id: "ksm".to_owned(),
-            username: None,
-            password: None,
-            keep_alive_secs: 30,
-            session_expiry_secs: 7 * 24 * 3600,
-            receive_maximum: 1000,
-            max_packet_bytes: 16 * 1024 * 1024,
-            shared_group: None,
-            inflight_max_mib: 256,
-        }
-    }
-}
-
-/// Admin HTTP API settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
-pub struct AdminConfig {
-    /// Address the admin API listens on.
-    pub listen: SocketAddr,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 8686)),
-        }
-    }
 }
 
 /// Which WebAssembly component holds the module logic, and its sandbox limits.
@@ -374,23 +316,9 @@ impl Config {
     /// Returns every problem in the configuration; empty when it is usable.
     pub fn validate(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
+        self.mqtt.validate(&mut problems);
+        self.admin.validate(&mut problems);
         let mut report = |field: String, message: String| problems.push(Problem { field, message });
-
-        if let Err(message) = broker_address(&self.mqtt.url) {
-            report("mqtt.url".into(), message);
-        }
-        if self.mqtt.client_id.is_empty() {
-            report("mqtt.client_id".into(), "must not be empty".into());
-        }
-        if self.mqtt.password.is_some() && self.mqtt.username.is_none() {
-            report("mqtt.password".into(), "needs mqtt.username".into());
-        }
-        if self.mqtt.receive_maximum == 0 {
-            report("mqtt.receive_maximum".into(), "must be at least 1".into());
-        }
-        if self.mqtt.keep_alive_secs < 5 {
-            report("mqtt.keep_alive_secs".into(), "must be at least 5".into());
-        }
         if self.component.path.as_os_str().is_empty() {
             report(
                 "component.path".into(),
@@ -435,9 +363,6 @@ impl Config {
                 "must be 1024 to 1048576 (a shard takes 1 MiB/s)".into(),
             );
         }
-        if self.mqtt.inflight_max_mib == 0 {
-            report("mqtt.inflight_max_mib".into(), "must be at least 1".into());
-        }
         if self.component.max_records_per_call == 0 {
             report(
                 "component.max_records_per_call".into(),
@@ -468,17 +393,6 @@ impl Config {
         if self.storage.spool_max_mib == 0 {
             report("storage.spool_max_mib".into(), "must be at least 1".into());
         }
-        if let Some(group) = &self.mqtt.shared_group
-            && (group.is_empty() || group.contains(['/', '+', '#']))
-        {
-            report(
-                "mqtt.shared_group".into(),
-                format!(
-                    "`{group}` is not a share name: it must be non-empty without `/`, `+` or `#`"
-                ),
-            );
-        }
-
         let mut device_ids = HashSet::new();
         for (i, device) in self.devices.iter().enumerate() {
             if !device_ids.insert(device.id) {
@@ -631,30 +545,21 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
     }
 }
 
-/// Splits an `mqtt://HOST[:PORT]` URL into host and port.
-pub fn broker_address(url: &str) -> Result<(String, u16), String> {
-    if url.is_empty() {
-        return Err("required: broker URL, e.g. mqtt://127.0.0.1:1883".into());
+/// Most bytes of a secret file ksm reads (a password or token).
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
+/// The first line of a file holding a secret, without its line ending.
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_SECRET_FILE_BYTES).read_to_string(&mut text))
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let secret = text.lines().next().unwrap_or_default().trim_end();
+    if secret.is_empty() {
+        return Err(format!("{} is empty", path.display()));
     }
-    let Some(rest) = url.strip_prefix("mqtt://") else {
-        return Err(format!(
-            "`{url}` must start with mqtt:// (TLS brokers are not supported yet)"
-        ));
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("`{port}` is not a valid port"))?;
-            (host, port)
-        }
-        _ => (rest, 1883),
-    };
-    if host.is_empty() || host.contains('/') {
-        return Err(format!("`{url}` has no valid host"));
-    }
-    Ok((host.trim_matches(['[', ']']).to_owned(), port))
+    Ok(secret.to_owned())
 }
 
 /// Module IDs: 3+ chars of lowercase letters and digits, `-` and `_` after the first.
@@ -946,19 +851,5 @@ stream_name = "bad name!"
             assert!(!shown.contains(secret), "{shown}");
             assert!(shown.contains("line 4"), "{shown}");
         }
-    }
-
-    #[test]
-    fn broker_urls_are_parsed() {
-        assert_eq!(
-            broker_address("mqtt://127.0.0.1:1884").unwrap(),
-            ("127.0.0.1".into(), 1884)
-        );
-        assert_eq!(
-            broker_address("mqtt://broker").unwrap(),
-            ("broker".into(), 1883)
-        );
-        assert!(broker_address("mqtt://h:x").is_err());
-        assert!(broker_address("mqtts://h").is_err());
     }
 }

@@ -26,13 +26,25 @@
 //!   a replay of the module still runs.
 //! - `DELETE /api/modules/{id}/dead-letters?ids=1,2`: deletes dead letters
 //!   (all if `ids` is absent); answers with the number deleted.
+//! - `GET /metrics`: every module's counters, spool, PutRecords requests,
+//!   failures by error code and latencies, guest call times and traps,
+//!   reloads, and the MQTT connection, in the Prometheus text format.
 //! - `POST /api/component/reload`: loads the components whose files
 //!   changed, checks them and swaps them in; answers what happened to each
 //!   (200, or 422 if one failed and its modules kept the running one).
 //!
+//! With a token set (`admin.token_file` or `KSM_ADMIN_TOKEN`), every
+//! endpoint but `/api/health` needs `Authorization: Bearer TOKEN`; see
+//! [`auth`].
+//!
 //! Listing pages are built two at a time, and each holds its place until
 //! its answer is sent; a shown letter is streamed. So what clients ask
 //! costs the host a bounded amount of memory.
+
+pub mod auth;
+mod serve;
+
+pub(crate) use serve::serve;
 
 use std::sync::Arc;
 
@@ -49,6 +61,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::activity::{CounterSnapshot, Level, LogEntry};
 use crate::components::{Components, ReloadOutcome};
+use crate::metrics::Metrics;
 use crate::module::{ComponentInfo, Module};
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::{Charge, InFlight};
@@ -126,6 +139,8 @@ struct AppState {
     reads: Arc<Semaphore>,
     /// Per module (in module order), held while a replay runs.
     replays: Arc<[Arc<Mutex<()>>]>,
+    /// What `/metrics` shows.
+    metrics: Metrics,
 }
 
 /// The answer of replay and purge calls.
@@ -178,7 +193,7 @@ enum Selection {
     Ids(Vec<u64>),
 }
 
-/// The admin API's routes over the running modules; replays go into `inbox`
+/// The admin API's routes over the running modules, behind `token`; replays go into `inbox`
 /// (held weakly, so it does not keep the router running at shutdown),
 /// within the in-flight budget.
 pub fn router(
@@ -187,6 +202,7 @@ pub fn router(
     inbox: WeakSender<Message>,
     components: Arc<Components>,
     inflight: Arc<InFlight>,
+    token: auth::Token,
 ) -> Router {
     Router::new()
         .route("/api/health", get(health))
@@ -202,8 +218,10 @@ pub fn router(
         )
         .route("/api/modules/{id}/dead-letters/{n}", get(dead_letter))
         .route("/api/component/reload", post(reload_components))
+        .route("/metrics", get(metrics))
         .with_state(AppState {
             replays: modules.iter().map(|_| Arc::new(Mutex::new(()))).collect(),
+            metrics: Metrics::new(modules.clone(), source.clone()),
             modules,
             source,
             inbox,
@@ -211,6 +229,15 @@ pub fn router(
             inflight,
             reads: Arc::new(Semaphore::new(READS_AT_ONCE)),
         })
+        .layer(axum::middleware::from_fn_with_state(token, auth::guard))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
