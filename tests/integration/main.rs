@@ -14,6 +14,11 @@
 //! - `kinesis_faults`: throttling and a missing stream.
 //! - `hostile`: hostile guests and devices under a memory limit: each attack costs one
 //!   message, a device flood stays within the in-flight budget, a crash loop is broken.
+//! - `admin_access`: the admin token (401 without, 200 with, health open), loopback-only
+//!   without a token, bounded bodies, HTTPS, the CLI with a token.
+//! - `metrics`: `/metrics` scraped during a run, checked against the stream.
+//! - `tls_broker`: TLS and mutual-TLS brokers, device identity at the broker, each
+//!   connection failure explained, certificate rotation, secrets kept out of logs.
 //! - `hot_swap`: components swapped while ksm runs; bad ones refused; per-module components.
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `packet_limit`: the broker's packet limit: a message too large for ksm is refused at
@@ -22,6 +27,7 @@
 //! - `untrusted_guest`: a guest that traps, loops or eats memory costs one message.
 //! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
 
+mod admin_access;
 mod bulk_data;
 mod credentials;
 mod dead_letters;
@@ -32,8 +38,10 @@ mod hostile;
 mod hot_swap;
 mod kinesalite;
 mod kinesis_faults;
+mod metrics;
 mod packet_limit;
 mod restart;
 mod support;
+mod tls_broker;
 mod untrusted_guest;
 mod validate;

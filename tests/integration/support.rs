@@ -131,6 +131,8 @@ pub struct HostOptions {
     pub storage: String,
     /// Lines for `[component]` (its `path` is set by the caller).
     pub component: String,
+    /// Lines for `[admin]` (its `listen` is set on a free loopback port).
+    pub admin: String,
 }
 
 /// The configuration text of a test host running `component`.
@@ -159,7 +161,7 @@ pub fn config_with_options(
 ) -> String {
     let mut text = format!(
         "[mqtt]\nurl = \"{broker_url}\"\nclient_id = \"{client_id}\"\n{mqtt}\n\n\
-         [admin]\nlisten = \"127.0.0.1:{port}\"\n\n\
+         [admin]\nlisten = \"127.0.0.1:{port}\"\n{admin}\n\n\
          [component]\npath = \"{wasm}\"\n{component}\n\n\
          [kinesis]\nlinger_ms = 5\nretry_base_ms = 50\nretry_max_ms = 500\n{kinesis}\n\n\
          [storage]\ndir = \"@STORAGE_DIR@\"\n{storage}\n\n\
@@ -170,6 +172,7 @@ pub fn config_with_options(
         kinesis = options.kinesis,
         storage = options.storage,
         component = options.component,
+        admin = options.admin,
     );
     for module in modules {
         text.push_str("[[modules]]\n");
@@ -186,6 +189,9 @@ pub struct Ksm {
     config_path: PathBuf,
     env: Vec<(String, String)>,
     admin: SocketAddr,
+    /// The client [`Ksm::admin`] returns, when not the plain-HTTP one with
+    /// the environment's token.
+    admin_client: Option<AdminClient>,
     data_limit_mib: Option<u64>,
 }
 
@@ -196,6 +202,20 @@ impl Ksm {
     /// answers 200).
     pub fn start(config: &str, env: Vec<(String, String)>) -> Ksm {
         let mut ksm = Ksm::prepare(config, env, None);
+        ksm.spawn();
+        ksm
+    }
+
+    /// Like [`Ksm::start`], reaching the admin API (to wait for it, and
+    /// through [`Ksm::admin`]) with the client `admin` makes for its
+    /// address: for an API over HTTPS, or whose token is in a file.
+    pub fn start_with_admin(
+        config: &str,
+        env: Vec<(String, String)>,
+        admin: impl FnOnce(SocketAddr) -> AdminClient,
+    ) -> Ksm {
+        let mut ksm = Ksm::prepare(config, env, None);
+        ksm.admin_client = Some(admin(ksm.admin));
         ksm.spawn();
         ksm
     }
@@ -228,6 +248,7 @@ impl Ksm {
             config_path,
             env,
             admin,
+            admin_client: None,
             data_limit_mib,
         }
     }
@@ -255,8 +276,8 @@ impl Ksm {
             .arg("--config")
             .arg(&self.config_path)
             .env_clear()
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("KSM_LOG", "info,fjall=warn,lsm_tree=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().expect("clone the log file"))
             .stderr(log)
             .spawn()
@@ -301,6 +322,13 @@ impl Ksm {
         }
     }
 
+    /// True while the process runs, ready or not.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// True while the process runs and answers `GET /api/health` with 200.
     pub fn is_up(&mut self) -> bool {
         let running = self
@@ -324,15 +352,24 @@ impl Ksm {
         kib / 1024
     }
 
-    /// A client for the host's admin API, with the token the host was
-    /// started with (`KSM_ADMIN_TOKEN` in its environment).
+    /// A client for the host's admin API: the one given to
+    /// [`Ksm::start_with_admin`], else plain HTTP with the token the host
+    /// was started with (`KSM_ADMIN_TOKEN` in its environment).
     pub fn admin(&self) -> AdminClient {
+        if let Some(client) = &self.admin_client {
+            return client.clone();
+        }
         let token = self
             .env
             .iter()
             .find(|(name, _)| name == ksm_host::config::TOKEN_ENV)
             .map(|(_, token)| token.clone());
         AdminClient::new(self.admin).with_token(token)
+    }
+
+    /// The address the admin API listens on.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
     }
 
     /// The host's own log output.
@@ -500,10 +537,18 @@ fn admin_addr(config: &str) -> SocketAddr {
 }
 
 /// Runs `ksm` with arguments in the workspace root (where the example
-/// configs' relative paths point) and returns (success, stdout, stderr).
+/// configs' relative paths point), without the test's own
+/// `KSM_ADMIN_TOKEN`, and returns (success, stdout, stderr).
 pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
+    ksm_command_with_env(args, &[])
+}
+
+/// Like [`ksm_command`], with `env` set and no `KSM_ADMIN_TOKEN` but one `env` gives.
+pub fn ksm_command_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let output = Command::new(ksm_binary())
         .args(args)
+        .env_remove(ksm_host::config::TOKEN_ENV)
+        .envs(env.iter().copied())
         .current_dir(ksm_tests::workspace_root())
         .stdin(Stdio::null())
         .output()
@@ -513,6 +558,78 @@ pub fn ksm_command(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// An HTTP answer read by [`raw_http`].
+#[derive(Debug)]
+pub struct RawAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The headers, names in lowercase, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (`Content-Length` bytes, else up to the end of the connection).
+    pub body: String,
+}
+
+impl RawAnswer {
+    /// The first value of header `name` (lowercase).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends `request` (`METHOD PATH`) with `headers` and no body over plain
+/// TCP to `addr`, and reads the answer: for what [`AdminClient`] does not
+/// show (headers) or send (a body announced but not sent).
+pub fn raw_http(addr: SocketAddr, request: &str, headers: &[&str]) -> std::io::Result<RawAnswer> {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
+    let stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{request} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for header in headers {
+        head.push_str(&format!("{header}\r\n"));
+    }
+    (&stream).write_all(format!("{head}\r\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3)?.parse().ok())
+        .ok_or_else(|| invalid(&format!("not an HTTP answer: {status_line:?}")))?;
+    let mut answer = RawAnswer {
+        status,
+        headers: Vec::new(),
+        body: String::new(),
+    };
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(invalid("the answer ends in its headers"));
+        }
+        let Some((name, value)) = line.trim_end().split_once(':') else {
+            break;
+        };
+        let header = (name.to_ascii_lowercase(), value.trim().to_owned());
+        answer.headers.push(header);
+    }
+    let mut body = Vec::new();
+    match answer.header("content-length") {
+        Some(length) => {
+            let length = length.parse().map_err(|_| invalid("Content-Length"))?;
+            reader.take(length).read_to_end(&mut body)?;
+        }
+        None => {
+            reader.read_to_end(&mut body)?;
+        }
+    }
+    answer.body = String::from_utf8_lossy(&body).into_owned();
+    Ok(answer)
 }
 
 /// The data of a dead letter as the admin API lists it.

@@ -32,14 +32,12 @@ const INSTALL_HINT: &str = "scripts/setup.sh (or: apt-get install mosquitto mosq
 /// acknowledged.
 pub const BROKER_MAX_PACKET_SIZE: u32 = 16 * 1024 * 1024 - 4;
 
-/// The ACL of the device-identity set-up ([`TlsBroker::device_identity`]): a device whose
-/// certificate's CN is its device ID may publish only under `/devices/<its id>/`, and ksm
-/// (CN `ksm`) may read every device's topics. Nobody else may do anything.
-pub const DEVICE_IDENTITY_ACL: &str = "\
-pattern write /devices/%u/#
-user ksm
-topic read /devices/#
-";
+/// The ACL of the device-identity set-up ([`TlsBroker::device_identity`]), as shipped in
+/// `examples/mosquitto/device-identity.acl`: a device whose certificate's CN is its device ID
+/// may publish only under `/devices/<its id>/`, and ksm (CN `ksm`) may read every device's
+/// topics. Nobody else may do anything.
+pub const DEVICE_IDENTITY_ACL: &str =
+    include_str!("../../examples/mosquitto/device-identity.acl");
 
 /// The TLS listener of a broker started with [`Mosquitto::start_tls`].
 ///

@@ -217,7 +217,11 @@ pub fn explain(
                 if presented.is_empty() {
                     "no host".to_owned()
                 } else {
-                    presented.join(", ")
+                    presented
+                        .iter()
+                        .map(|name| bare_name(name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             ),
             CertificateError::Expired => "the broker's certificate has expired".to_owned(),
@@ -274,6 +278,15 @@ pub fn explain(
     })
 }
 
+/// A name as rustls presents it (`DnsName("broker")`, `IpAddress(10.0.0.1)`),
+/// without the wrapping.
+fn bare_name(presented: &str) -> &str {
+    presented
+        .split_once('(')
+        .and_then(|(_, inner)| inner.strip_suffix(')'))
+        .map_or(presented, |inner| inner.trim_matches('"'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +307,13 @@ mod tests {
                 .expect("explained")
                 .contains("client_cert_file")
         );
+    }
+
+    #[test]
+    fn presented_names_lose_their_wrapping() {
+        assert_eq!(bare_name("DnsName(\"wrong.example\")"), "wrong.example");
+        assert_eq!(bare_name("IpAddress(10.0.0.1)"), "10.0.0.1");
+        assert_eq!(bare_name("plain"), "plain");
     }
 
     #[test]
