@@ -1,5 +1,6 @@
 //! The checks `ksm validate` makes beyond the configuration's own: the
-//! files it names (certificates, keys, secrets) can be read, a key belongs
+//! files it names (certificates, keys, secrets) can be read (and a token is
+//! long enough), a key belongs
 //! to its certificate, no certificate has expired or expires within 30
 //! days, and no secret is readable by other users.
 
@@ -91,6 +92,12 @@ pub fn check(config: &Config, config_path: &Path, now: OffsetDateTime) -> Vec<Fi
         if let Some(message) = readable_by_others(&tls.key_file) {
             found(Severity::Warning, "admin.tls.key_file", message);
         }
+    }
+    if let Err(message) = config.admin.resolve_token() {
+        found(Severity::Error, "admin.token_file", message);
+    }
+    if let Err(message) = mqtt.resolve_password() {
+        found(Severity::Error, "mqtt.password_file", message);
     }
     let secrets = [
         ("mqtt.password_file", &mqtt.password_file),

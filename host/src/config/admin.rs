@@ -67,8 +67,14 @@ impl AdminConfig {
         Ok(token)
     }
 
-    /// Reports every problem of the section; `token` is what
-    /// [`AdminConfig::resolve_token`] found.
+    /// Whether a token is configured (`token_file`, or `KSM_ADMIN_TOKEN`);
+    /// whether it can be read is [`AdminConfig::resolve_token`]'s to say.
+    pub fn has_token(&self) -> bool {
+        self.token_file.is_some() || std::env::var(TOKEN_ENV).is_ok_and(|t| !t.is_empty())
+    }
+
+    /// Reports every problem of the section (files are read at start and
+    /// by `ksm validate`, not here).
     pub(super) fn validate(&self, problems: &mut Vec<Problem>) {
         let mut report = |field: &str, message: String| {
             problems.push(Problem {
@@ -76,19 +82,7 @@ impl AdminConfig {
                 message,
             })
         };
-        let token = match self.resolve_token() {
-            Ok(token) => token,
-            Err(message) => {
-                let field = if self.token_file.is_some() {
-                    "token_file"
-                } else {
-                    "listen"
-                };
-                report(field, message);
-                return;
-            }
-        };
-        if token.is_none() && !self.listen.ip().is_loopback() {
+        if !self.has_token() && !self.listen.ip().is_loopback() {
             report(
                 "listen",
                 format!(
