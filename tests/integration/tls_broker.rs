@@ -462,3 +462,45 @@ async fn no_secret_reaches_any_log_at_trace_level() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_name_verifies_a_broker_whose_certificate_names_another_host() {
+    let pki = TestPki::new();
+    let bench = bench_on(
+        "tls-name",
+        Mosquitto::start_tls(TlsBroker {
+            server: pki.wrong_name_server(),
+            ..TlsBroker::new(&pki)
+        }),
+    )
+    .await;
+    let url = bench.broker.tls_url();
+    let config = host_config(
+        &bench,
+        &url,
+        "ksm",
+        &format!(
+            "{}tls.server_name = \"wrong.example\"\n",
+            tls_lines(pki.ca_file(), None)
+        ),
+    );
+    let endpoint = bench.moto.endpoint();
+    let host = Ksm::start(&config, aws_env(&endpoint, &endpoint));
+    let device = ClientTls::new(pki.ca_file());
+    let mut options = ksm_tests::mqtt::tls_options(&url, "device", &device);
+    // The device checks the broker as ksm does: for the name in its certificate.
+    options.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            ksm_host::tls::client::broker_config(&ksm_host::config::MqttTlsConfig {
+                ca_file: Some(pki.ca_file().to_owned()),
+                server_name: Some("wrong.example".into()),
+                ..Default::default()
+            })
+            .expect("a TLS configuration")
+            .config,
+        ),
+    ));
+    ksm_tests::mqtt::publish_all_with(options, &[("/devices/1001/event", EVENT)]).await;
+    let records = bench.records(2).await;
+    assert_eq!(records.len(), 2, "{}", host.log());
+}
