@@ -81,8 +81,8 @@ impl AdminClient {
 
     /// The client the configuration of a host calls for: its address
     /// (loopback if it listens on every address), its token and, with
-    /// `admin.tls`, HTTPS trusting the system's roots and the API's own
-    /// certificate file.
+    /// `admin.tls`, HTTPS trusting exactly the API's own certificate (the
+    /// first in its `cert_file`, whoever signed it).
     pub fn for_config(config: &AdminConfig) -> Result<Self, String> {
         let mut addr = config.listen;
         if addr.ip().is_unspecified() {
@@ -91,7 +91,7 @@ impl AdminClient {
         let mut client = Self::new(addr).with_token(config.resolve_token()?);
         if let Some(tls) = &config.tls {
             client.tls = Some(
-                crate::tls::client::trusting("admin.tls.cert_file", &tls.cert_file)
+                crate::tls::client::pinned("admin.tls.cert_file", &tls.cert_file)
                     .map_err(|error| error.to_string())?,
             );
         }

@@ -94,7 +94,11 @@ pub fn check(config: &Config, config_path: &Path, now: OffsetDateTime) -> Vec<Fi
         }
     }
     if let Err(message) = config.admin.resolve_token() {
-        found(Severity::Error, "admin.token_file", message);
+        let field = match config.admin.token_file {
+            Some(_) => "admin.token_file",
+            None => crate::config::TOKEN_ENV,
+        };
+        found(Severity::Error, field, message);
     }
     if let Err(message) = mqtt.resolve_password() {
         found(Severity::Error, "mqtt.password_file", message);

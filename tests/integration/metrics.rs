@@ -233,11 +233,11 @@ fn check_format(scrape: &Scrape) {
     }
 }
 
-/// An event of type `t` from device `device`.
+/// An event of type `t` from device `device` (registered or not: it says its home).
 fn event(device: u64, t: &str) -> (String, Vec<u8>) {
     (
         format!("/devices/{device}/event"),
-        format!(r#"{{"eventType":"{t}","eventData":{{}}}}"#).into_bytes(),
+        format!(r#"{{"eventType":"{t}","eventData":{{}},"homeId":77}}"#).into_bytes(),
     )
 }
 

@@ -36,8 +36,7 @@ pub const BROKER_MAX_PACKET_SIZE: u32 = 16 * 1024 * 1024 - 4;
 /// `examples/mosquitto/device-identity.acl`: a device whose certificate's CN is its device ID
 /// may publish only under `/devices/<its id>/`, and ksm (CN `ksm`) may read every device's
 /// topics. Nobody else may do anything.
-pub const DEVICE_IDENTITY_ACL: &str =
-    include_str!("../../examples/mosquitto/device-identity.acl");
+pub const DEVICE_IDENTITY_ACL: &str = include_str!("../../examples/mosquitto/device-identity.acl");
 
 /// The TLS listener of a broker started with [`Mosquitto::start_tls`].
 ///

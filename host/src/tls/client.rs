@@ -99,12 +99,87 @@ pub fn broker_config(tls: &MqttTlsConfig) -> Result<BrokerTls, TlsError> {
     })
 }
 
-/// A configuration without client certificate that trusts the system's
-/// roots and the certificates in `path` (a server's own certificate file:
-/// its certificate, or the CA in its chain); for the admin API's client.
+/// A configuration without client certificate that trusts exactly the
+/// first certificate in `path` (a server's own certificate file), whoever
+/// signed it; for the admin API's client on the host's machine.
+pub fn pinned(what: &'static str, path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let certificate = read_certificates(what, path)?.swap_remove(0);
+    let provider = provider();
+    Ok(Arc::new(
+        ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
+                certificate,
+                provider,
+            }))
+            .with_no_client_auth(),
+    ))
+}
+
+/// Accepts the one certificate it holds, and checks that the peer holds
+/// its key (the handshake signature).
+#[derive(Debug)]
+struct PinnedVerifier {
+    certificate: CertificateDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        if end_entity.as_ref() == self.certificate.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A configuration without client certificate that trusts the CAs in
+/// `path`; for clients of a server whose CA the caller names.
 pub fn trusting(what: &'static str, path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     for certificate in read_certificates(what, path)? {
         roots.add(certificate).map_err(|error| TlsError::Pem {
             what,
