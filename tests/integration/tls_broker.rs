@@ -319,6 +319,29 @@ async fn a_key_that_is_not_the_certificates_stops_the_start_and_validate_names_i
         stderr.contains("mqtt.tls.client_cert_file: CN=ksm expired on"),
         "{stderr}"
     );
+
+    let expiring = pki.expiring_client("ksm");
+    host.edit_config(|text| {
+        text.replace(
+            &expired.cert.display().to_string(),
+            &expiring.cert.display().to_string(),
+        )
+        .replace(
+            &expired.key.display().to_string(),
+            &expiring.key.display().to_string(),
+        )
+    });
+    let (valid, stdout, stderr) = ksm_command(&["validate", "--config", &config_path]);
+    assert!(
+        valid,
+        "a certificate expiring soon is still valid: {stderr}"
+    );
+    assert!(stdout.contains("valid"), "{stdout}");
+    assert!(
+        stderr.contains("warning: mqtt.tls.client_cert_file: CN=ksm expires on")
+            && stderr.contains("in 9 days"),
+        "{stderr}"
+    );
 }
 
 /// Copies a certificate and key over `dir`'s `ksm.pem` and `ksm.key`, as an operator

@@ -94,18 +94,85 @@ fn validate_loads_the_component() {
     );
 }
 
+/// The files under `/etc/ksm/` the example configurations name, made for the test: test
+/// certificates for the CA, client and admin certificates, secrets of mode 0600.
+fn example_files(pki: &ksm_tests::tls::TestPki, dir: &std::path::Path) -> Vec<(String, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let secret = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a secret file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod the secret file");
+        path
+    };
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).expect("read a key");
+    let client = pki.client("ksm-forwarder");
+    let server = pki.server();
+    [
+        ("AmazonRootCA1.pem", pki.ca_file().to_owned()),
+        ("ksm-forwarder.cert.pem", client.cert),
+        (
+            "ksm-forwarder.private.key",
+            secret("client.key", &read(&client.key)),
+        ),
+        ("mqtt-password", secret("mqtt-password", "a-password\n")),
+        (
+            "admin-token",
+            secret("admin-token", "an-admin-token-of-32-characters!\n"),
+        ),
+        ("admin.pem", server.cert.clone()),
+        ("admin.key", secret("admin.key", &read(&server.key))),
+    ]
+    .into_iter()
+    .map(|(name, path)| (format!("/etc/ksm/{name}"), path.display().to_string()))
+    .collect()
+}
+
 #[test]
 fn the_example_configs_validate() {
     guest_wasm();
+    let pki = ksm_tests::tls::TestPki::new();
+    let dir = TempDir::new("examples");
+    let files = example_files(&pki, dir.path());
     let examples = workspace_root().join("examples");
+    let mut seen = Vec::new();
     for entry in std::fs::read_dir(&examples).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
+            // The same configuration, its files under /etc/ksm made by the test.
+            let mut text = std::fs::read_to_string(&path).expect("read the example");
+            for (named, made) in &files {
+                text = text.replace(named, made);
+            }
+            assert!(
+                !text.contains("/etc/ksm/"),
+                "{}: a file the test does not make",
+                path.display()
+            );
+            let copy = dir.path().join(path.file_name().expect("a file name"));
+            std::fs::write(&copy, text).expect("write the example's copy");
             let (ok, stdout, stderr) =
-                ksm_command(&["validate", "--config", path.to_str().unwrap()]);
+                ksm_command(&["validate", "--config", copy.to_str().unwrap()]);
             assert!(ok, "{}: {stderr}", path.display());
             assert!(stdout.contains("valid"), "{stdout}");
+            assert!(!stderr.contains("warning"), "{}: {stderr}", path.display());
+            seen.push(
+                path.file_name()
+                    .expect("a name")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
+    }
+    for tls_example in [
+        "aws-iot-core.toml",
+        "aws-iot-core-443.toml",
+        "tls-password.toml",
+    ] {
+        assert!(
+            seen.iter().any(|name| name == tls_example),
+            "{tls_example} validated: {seen:?}"
+        );
     }
 }
 

@@ -77,6 +77,8 @@ enum Validity {
     Expired,
     /// Starts in a month.
     NotYetValid,
+    /// Valid now, for 10 more days.
+    ExpiringSoon,
 }
 
 /// A test PKI: a CA, a server certificate for `127.0.0.1` and `localhost` signed by it, client
@@ -203,6 +205,12 @@ impl TestPki {
     pub fn not_yet_valid_client(&self, name: &str) -> CertFiles {
         let stem = format!("client-{name}-not-yet-valid");
         self.issue_client(name, &stem, &self.ca, Validity::NotYetValid)
+    }
+
+    /// A client certificate from the CA with CN `name`, valid now and for 10 more days.
+    pub fn expiring_client(&self, name: &str) -> CertFiles {
+        let stem = format!("client-{name}-expiring");
+        self.issue_client(name, &stem, &self.ca, Validity::ExpiringSoon)
     }
 
     /// A current client certificate with CN `name` from the second, unrelated CA.
@@ -335,6 +343,7 @@ fn sign(
         }
         Validity::Expired => (now - 30 * day, now - day),
         Validity::NotYetValid => (now + 30 * day, now + 60 * day),
+        Validity::ExpiringSoon => (now - BACKDATE, now + 10 * day),
     };
     params.not_before = not_before;
     params.not_after = not_after;
