@@ -324,6 +324,28 @@ mod tests {
     }
 
     #[test]
+    fn a_group_keeps_its_receive_time_and_older_groups_read_without_one() {
+        let mut first = record(3, "1001", None, b"abc");
+        first.received_ms = 1_764_000_000_123;
+        let mut second = record(4, "1001", None, b"de");
+        second.received_ms = 1_764_000_000_456;
+        let value = encode(&[first, second]);
+        let decoded = decode(3, Bytes::from(value.clone()), None).unwrap();
+        assert!(
+            decoded.iter().all(|r| r.received_ms == 1_764_000_000_123),
+            "the group's first record's time"
+        );
+        // The same group as version 2 wrote it: no receive time after the count.
+        let mut older = vec![GROUP_VERSION_WITHOUT_TIMES];
+        older.extend_from_slice(&value[1..5]);
+        older.extend_from_slice(&value[13..]);
+        let decoded = decode(3, Bytes::from(older), None).unwrap();
+        assert_eq!(decoded.len(), 2);
+        assert_eq!(decoded[1].data, Bytes::from_static(b"de"));
+        assert!(decoded.iter().all(|r| r.received_ms == 0), "unknown");
+    }
+
+    #[test]
     fn index_entries_round_trip_and_count_what_is_left() {
         let mut index = IndexEntry::new(10, 1000);
         assert_eq!(IndexEntry::decode(&index.encode()).unwrap(), index);
