@@ -61,17 +61,11 @@ impl Histogram {
 
     /// Counts one observation.
     pub fn observe(&self, value: Duration) {
-        self.observe_many(value, 1);
-    }
-
-    /// Counts `n` observations of the same value.
-    pub fn observe_many(&self, value: Duration, n: u64) {
         let seconds = value.as_secs_f64();
         let bucket = self.bounds.partition_point(|bound| *bound < seconds);
-        self.counts[bucket].fetch_add(n, Ordering::Relaxed);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(value.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos
-            .fetch_add(nanos.saturating_mul(n), Ordering::Relaxed);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
@@ -436,7 +430,8 @@ mod tests {
     fn histograms_count_into_cumulative_buckets() {
         let histogram = Histogram::new(&[0.01, 0.1]);
         histogram.observe(Duration::from_millis(5));
-        histogram.observe_many(Duration::from_millis(50), 2);
+        histogram.observe(Duration::from_millis(50));
+        histogram.observe(Duration::from_millis(50));
         histogram.observe(Duration::from_secs(1));
         let mut registry = Registry::default();
         #[derive(Debug)]

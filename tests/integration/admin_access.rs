@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 
 use ksm_host::admin_client::AdminClient;
 use ksm_host::config::TOKEN_ENV;
-use ksm_host::tls::client::trusting;
 use ksm_tests::tls::TestPki;
 use ksm_tests::{TempDir, aws_env, guest_wasm};
 
@@ -356,7 +355,7 @@ async fn with_admin_tls_the_api_speaks_https_only() {
     let plain = AdminClient::new(addr).request("GET", "/api/health");
     assert!(plain.is_err(), "plain HTTP: {plain:?}");
 
-    let untrusting = trusting("other ca", pki.other_ca_file()).expect("a client config");
+    let untrusting = trusting(pki.other_ca_file());
     let refused = AdminClient::new(addr)
         .with_tls(untrusting)
         .request("GET", "/api/health");
@@ -367,6 +366,16 @@ async fn with_admin_tls_the_api_speaks_https_only() {
 
     // Broken handshakes did not stop the API.
     assert!(host.is_up(), "{}", host.log());
+}
+
+/// A client configuration that trusts the certificates in `ca_file` only.
+fn trusting(ca_file: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    ksm_host::tls::client::broker_config(&ksm_host::config::MqttTlsConfig {
+        ca_file: Some(ca_file.to_owned()),
+        ..Default::default()
+    })
+    .expect("a client config")
+    .config
 }
 
 /// A host on `bench` serving its admin API over HTTPS with `cert_file` and
@@ -387,7 +396,7 @@ fn https_host(
             key_file.display()
         ),
     );
-    let trusted = trusting("test trust", trust).expect("a client config");
+    let trusted = trusting(trust);
     Ksm::start_with_admin(
         &config,
         aws_env(&bench.moto.endpoint(), &bench.moto.endpoint()),

@@ -438,14 +438,17 @@ impl Ksm {
 
     /// Every activity log entry of a module, as text.
     pub fn module_log(&self, module: &str) -> String {
-        self.get(&format!("/api/modules/{module}/logs"))
-            .as_array()
-            .map(|entries| {
-                entries
-                    .iter()
-                    .map(|e| format!("{} {}\n", e["level"], e["message"]))
-                    .collect()
-            })
+        module_log_text(&self.get(&format!("/api/modules/{module}/logs")))
+    }
+
+    /// Like [`Ksm::module_log`], empty while the admin API does not answer
+    /// yet (a host just spawned).
+    pub fn module_log_when_up(&self, module: &str) -> String {
+        self.admin()
+            .call("GET", &format!("/api/modules/{module}/logs"))
+            .ok()
+            .and_then(|body| serde_json::from_str(&body).ok())
+            .map(|entries| module_log_text(&entries))
             .unwrap_or_default()
     }
 
@@ -534,6 +537,19 @@ fn admin_addr(config: &str) -> SocketAddr {
         .trim_matches('"')
         .parse()
         .expect("a socket address")
+}
+
+/// Log entries as the admin API lists them, one `"LEVEL" "message"` line each.
+fn module_log_text(entries: &serde_json::Value) -> String {
+    entries
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .map(|e| format!("{} {}\n", e["level"], e["message"]))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Runs `ksm` with arguments in the workspace root (where the example

@@ -74,25 +74,9 @@ fn wait_for_error_everywhere(host: &mut Ksm, wanted: &str) {
             log.lines()
                 .any(|line| line.starts_with("\"ERROR\"") && line.contains(wanted))
         };
-        // The admin API answers a moment after the process starts.
-        let module_log = |id: &str| {
-            host.admin()
-                .request("GET", &format!("/api/modules/{id}/logs"))
-                .ok()
-                .filter(|(status, _)| *status == 200)
-                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-                .and_then(|entries| entries.as_array().cloned())
-                .map(|entries| {
-                    entries
-                        .iter()
-                        .map(|e| format!("{} {}\n", e["level"], e["message"]))
-                        .collect::<String>()
-                })
-                .unwrap_or_default()
-        };
         let modules_say = ["first", "second"]
             .iter()
-            .all(|id| explained(&module_log(id)));
+            .all(|id| explained(&host.module_log_when_up(id)));
         if modules_say && host.log().contains(wanted) {
             assert!(host.is_running(), "the host keeps running:\n{}", host.log());
             return;
@@ -100,7 +84,7 @@ fn wait_for_error_everywhere(host: &mut Ksm, wanted: &str) {
         assert!(
             Instant::now() < deadline,
             "no ERROR saying `{wanted}` in every log within {LOG_TIMEOUT:?}:\nmodule log:\n{}\nhost log:\n{}",
-            module_log("first"),
+            host.module_log_when_up("first"),
             host.log()
         );
         std::thread::sleep(Duration::from_millis(100));

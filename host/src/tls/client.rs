@@ -8,8 +8,8 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
-    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, Error,
-    InconsistentKeys, RootCertStore, SignatureScheme,
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, Error, RootCertStore,
+    SignatureScheme,
 };
 use time::OffsetDateTime;
 
@@ -76,18 +76,9 @@ pub fn broker_config(tls: &MqttTlsConfig) -> Result<BrokerTls, TlsError> {
             let chain = read_certificates("mqtt.tls.client_cert_file", cert_path)?;
             let key = read_private_key("mqtt.tls.client_key_file", key_path)?;
             let summary = CertificateSummary::of(&chain[0]);
-            let config =
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|error| match error {
-                        Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
-                            TlsError::KeyMismatch {
-                                cert: cert_path.clone(),
-                                key: key_path.clone(),
-                            }
-                        }
-                        other => TlsError::Rustls(other),
-                    })?;
+            let config = builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|error| TlsError::of_key_pair(error, cert_path, key_path))?;
             (config, summary)
         }
         _ => (builder.with_no_client_auth(), None),
@@ -174,26 +165,6 @@ impl ServerCertVerifier for PinnedVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// A configuration without client certificate that trusts the CAs in
-/// `path`; for clients of a server whose CA the caller names.
-pub fn trusting(what: &'static str, path: &Path) -> Result<Arc<ClientConfig>, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for certificate in read_certificates(what, path)? {
-        roots.add(certificate).map_err(|error| TlsError::Pem {
-            what,
-            path: path.to_owned(),
-            expected: "usable certificate",
-            detail: Some(error.to_string()),
-        })?;
-    }
-    Ok(Arc::new(
-        ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    ))
 }
 
 /// Verifies the broker's certificate for a configured name instead of the

@@ -60,6 +60,22 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+impl TlsError {
+    /// The error rustls gave for a certificate chain and key: a key that is
+    /// not the certificate's is named by both files.
+    fn of_key_pair(error: rustls::Error, cert: &Path, key: &Path) -> TlsError {
+        match error {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: cert.to_owned(),
+                    key: key.to_owned(),
+                }
+            }
+            other => TlsError::Rustls(other),
+        }
+    }
+}
+
 /// The crypto provider every TLS configuration of ksm uses.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::{Error, InconsistentKeys, ServerConfig};
+use rustls::ServerConfig;
 
 use super::{TlsError, provider, read_certificates, read_private_key};
 
@@ -16,13 +16,7 @@ pub fn admin_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfi
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|error| match error {
-            Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => TlsError::KeyMismatch {
-                cert: cert_file.to_owned(),
-                key: key_file.to_owned(),
-            },
-            other => TlsError::Rustls(other),
-        })?;
+        .map_err(|error| TlsError::of_key_pair(error, cert_file, key_file))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }

@@ -696,24 +696,12 @@ impl KinesisSink {
         )
         .unwrap_or(u64::MAX);
         let delivery = &self.module.metrics.delivery;
-        // Records of one message are adjacent and share their receive time.
-        let mut run: Option<(u64, u64)> = None;
         for (record, verdict) in records.iter().zip(verdicts) {
-            if *verdict != Verdict::Accepted || record.received_ms == 0 {
-                continue;
+            if *verdict == Verdict::Accepted && record.received_ms != 0 {
+                delivery.observe(Duration::from_millis(
+                    now_ms.saturating_sub(record.received_ms),
+                ));
             }
-            match &mut run {
-                Some((at, n)) if *at == record.received_ms => *n += 1,
-                _ => {
-                    if let Some((at, n)) = run {
-                        delivery.observe_many(Duration::from_millis(now_ms.saturating_sub(at)), n);
-                    }
-                    run = Some((record.received_ms, 1));
-                }
-            }
-        }
-        if let Some((at, n)) = run {
-            delivery.observe_many(Duration::from_millis(now_ms.saturating_sub(at)), n);
         }
     }
 

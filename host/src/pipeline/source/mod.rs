@@ -85,13 +85,14 @@ impl SourceStatus {
         self.connection_failures.load(Ordering::Relaxed)
     }
 
-    /// Records a QoS 1 message received (`true`) or acknowledged (`false`).
-    pub fn unacknowledged_changed(&self, received: bool) {
-        if received {
-            self.unacknowledged.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
-        }
+    /// Records a QoS 1 message received, to be acknowledged.
+    pub fn to_acknowledge(&self) {
+        self.unacknowledged.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records a message acknowledged.
+    pub fn acknowledged(&self) {
+        self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// QoS 1 messages received and not yet acknowledged.

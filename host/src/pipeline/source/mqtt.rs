@@ -50,8 +50,6 @@ pub struct MqttSource {
     broker: Broker,
     /// ksm's client certificate in the TLS configuration in use.
     client_certificate: Option<CertificateSummary>,
-    /// A CONNACK came since the connection last failed.
-    connected: bool,
 }
 
 impl MqttSource {
@@ -96,7 +94,6 @@ impl MqttSource {
             config: config.clone(),
             broker,
             client_certificate,
-            connected: false,
         })
     }
 
@@ -116,25 +113,22 @@ impl MqttSource {
                 }
                 self.client_certificate = certificate;
             }
-            Err(error) => {
-                let message = format!(
+            Err(error) => self.log_everywhere(
+                "mqtt-settings",
+                Level::Error,
+                &format!(
                     "cannot use the MQTT connection settings ({error}); trying the files again at \
                      the next reconnection"
-                );
-                tracing::error!("{message}");
-                for module in self.modules.iter() {
-                    module
-                        .log
-                        .write_limited("mqtt-settings", Level::Error, &message);
-                }
-            }
+                ),
+            ),
         }
     }
 
     /// Logs a failed or lost connection, in the host log and every module's,
-    /// with what it means when that is known.
+    /// with what it means when that is known; before the source is marked
+    /// disconnected, so that it tells a lost connection from a failed one.
     fn report_connection_error(&self, error: &ConnectionError) {
-        let while_connecting = !self.connected;
+        let while_connecting = !self.status.is_connected();
         let cause: &(dyn std::error::Error + 'static) = match io_error(error) {
             Some(io) => io,
             None => error,
@@ -161,12 +155,19 @@ impl MqttSource {
                 format!("lost the connection to the MQTT broker ({error}); reconnecting"),
             ),
         };
+        self.log_everywhere("mqtt-connection", level, &message);
+    }
+
+    /// Writes `message` to the host log and, limited by `key`, to every
+    /// module's log.
+    fn log_everywhere(&self, key: &'static str, level: Level, message: &str) {
         match level {
             Level::Error => tracing::error!("{message}"),
-            _ => tracing::warn!("{message}"),
+            Level::Warn => tracing::warn!("{message}"),
+            Level::Info => tracing::info!("{message}"),
         }
         for module in self.modules.iter() {
-            module.log.write_limited("mqtt-connection", level, &message);
+            module.log.write_limited(key, level, message);
         }
     }
 
@@ -227,9 +228,8 @@ impl MqttSource {
                         }
                     }
                     Err(error) => {
-                        self.status.disconnected();
                         self.report_connection_error(&error);
-                        self.connected = false;
+                        self.status.disconnected();
                         tokio::time::sleep(RECONNECT_DELAY).await;
                         self.reread_settings();
                     }
@@ -263,7 +263,6 @@ impl MqttSource {
     ) {
         match event {
             Event::Incoming(Packet::ConnAck(connack)) => {
-                self.connected = true;
                 self.status.connected(connack.session_present);
                 self.log_all(
                     Level::Info,
@@ -428,7 +427,7 @@ struct Acknowledger {
 
 impl Acknowledger {
     fn ack(&self, publish: Publish) {
-        self.status.unacknowledged_changed(false);
+        self.status.acknowledged();
         if self.client.try_ack(&publish).is_err() {
             let _ = self.fallback.send(publish);
         }
@@ -445,7 +444,7 @@ fn message(publish: Publish, ack_tx: &Arc<Acknowledger>, charge: Charge) -> Mess
                 ..publish.clone()
             };
             let ack_tx = ack_tx.clone();
-            ack_tx.status.unacknowledged_changed(true);
+            ack_tx.status.to_acknowledge();
             Box::new(move || ack_tx.ack(ack)) as crate::pipeline::ack::OnSettled
         });
     Message {
