@@ -14,7 +14,8 @@
 //!   records and the sink's bounded window on them), dead letters, activity
 //!   logs.
 //! - `kinesis`: what Kinesis allows (record and request limits, key
-//!   checks) and the hash that picks a record's shard; a leaf.
+//!   checks), the hash that picks a record's shard, and the KPL's aggregated
+//!   record format (`kinesis::aggregate`, public as `aggregate`); a leaf.
 //! - `runtime` and `bindings`: the wasmtime runtime running the guest
 //!   component (`runtime::sandbox`: what a guest may do); `components`:
 //!   which component each module runs, hot swap.
@@ -55,4 +56,5 @@ pub mod tls;
 
 pub use config::Config;
 pub use host::{Host, run};
+pub use kinesis::aggregate;
 pub use store::dead_letter;

@@ -1,7 +1,9 @@
 //! What Kinesis allows and how it places records, in one leaf that the
 //! router, the spool and the sink share: the record and request limits, the
 //! checks a record must pass before it is sent, and the hash that picks a
-//! record's shard.
+//! record's shard; [`aggregate`] is the KPL's aggregated record format.
+
+pub mod aggregate;
 
 use md5::{Digest, Md5};
 
