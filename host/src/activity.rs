@@ -67,6 +67,9 @@ pub struct Counters {
     pub filtered: AtomicU64,
     /// Records Kinesis accepted.
     pub forwarded: AtomicU64,
+    /// Kinesis records Kinesis accepted: as `forwarded` without
+    /// aggregation; with it, an aggregate counts once.
+    pub kinesis_records: AtomicU64,
     /// Messages or records refused and kept as dead letters.
     pub dead_lettered: AtomicU64,
     /// Records written to the spool.
@@ -88,6 +91,9 @@ pub struct CounterSnapshot {
     pub filtered: u64,
     /// Records Kinesis accepted.
     pub forwarded: u64,
+    /// Kinesis records Kinesis accepted (an aggregate counts once).
+    #[serde(default)]
+    pub kinesis_records: u64,
     /// Messages or records refused and kept as dead letters.
     pub dead_lettered: u64,
     /// Records written to the spool.
@@ -118,6 +124,7 @@ impl Counters {
             received: get(&self.received),
             filtered: get(&self.filtered),
             forwarded: get(&self.forwarded),
+            kinesis_records: get(&self.kinesis_records),
             dead_lettered: get(&self.dead_lettered),
             spooled: get(&self.spooled),
             retried: get(&self.retried),

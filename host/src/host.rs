@@ -27,6 +27,7 @@ use crate::pipeline::inflight::InFlight;
 use crate::pipeline::route::answer::Budget;
 use crate::pipeline::route::{Route, Router};
 use crate::pipeline::sink::kinesis::{self, KinesisSink};
+use crate::pipeline::sink::stream::module_stream_limits;
 use crate::pipeline::source::SourceStatus;
 use crate::pipeline::source::mqtt::MqttSource;
 use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
@@ -68,6 +69,9 @@ pub enum StartError {
     /// The MQTT settings are unusable.
     #[error("mqtt: {0}")]
     Mqtt(String),
+    /// A module's stream cannot take the records the module would send.
+    #[error("{0}")]
+    Stream(String),
     /// The crash-loop guard's files cannot be used.
     #[error(transparent)]
     Guard(#[from] GuardError),
@@ -133,6 +137,9 @@ impl Host {
             let reader = SpoolReader::new(&module.spool, SINK_WINDOW_BYTES)?;
             let next_seq = module.spool.next_seq()?;
             let client = kinesis::client(module_config, &config.kinesis).await;
+            let stream = module_stream_limits(&client, module_config)
+                .await
+                .map_err(StartError::Stream)?;
             let (sink_tx, sink_rx) = mpsc::unbounded_channel();
             module.log.write(
                 Level::Info,
@@ -152,6 +159,7 @@ impl Host {
                 Arc::new(client),
                 module.clone(),
                 config.kinesis.clone(),
+                stream,
                 reader,
                 sink_rx,
             );

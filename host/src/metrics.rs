@@ -237,7 +237,7 @@ impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let modules = &self.modules;
         let snapshots: Vec<_> = modules.iter().map(|m| m.counters()).collect();
-        let counters: [(&str, &str, ReadCounter); 8] = [
+        let counters: [(&str, &str, ReadCounter); 9] = [
             (
                 "ksm_messages_received",
                 "MQTT messages handed to the module.",
@@ -251,6 +251,11 @@ impl Collector for Metrics {
             ("ksm_records_forwarded", "Records Kinesis accepted.", |c| {
                 c.forwarded
             }),
+            (
+                "ksm_kinesis_records_forwarded",
+                "Kinesis records Kinesis accepted; an aggregate counts once.",
+                |c| c.kinesis_records,
+            ),
             (
                 "ksm_dead_letters",
                 "Messages or records kept as dead letters.",

@@ -13,8 +13,17 @@ use serde::{Deserialize, Serialize};
 pub use admin::{AdminConfig, AdminTlsConfig, TOKEN_ENV};
 pub use mqtt::{Broker, MqttConfig, MqttTlsConfig, PASSWORD_ENV};
 
-/// Kinesis refuses records larger than this, counting data plus partition key.
+/// Every Kinesis stream takes records this large, counting data plus
+/// partition key; it is also `max_record_size`'s default.
 pub const KINESIS_MAX_RECORD_BYTES: u32 = 1024 * 1024;
+/// A stream whose maximum record size was raised takes records up to this.
+pub const KINESIS_LARGE_RECORD_BYTES: u32 = 10 * 1024 * 1024;
+/// The KPL's default largest aggregate, `aggregation_max_bytes`' default.
+const AGGREGATION_MAX_BYTES: u32 = 51_200;
+/// Smallest `aggregation_max_bytes` (the KPL's too).
+const AGGREGATION_MIN_BYTES: u32 = 64;
+/// Most user records one aggregate may hold.
+const AGGREGATION_RECORDS_LIMIT: u32 = 1_000_000;
 /// Kinesis stream names are 1 to 128 characters.
 const STREAM_NAME_MAX_CHARS: usize = 128;
 /// STS accepts external IDs of 2 to 1224 characters.
@@ -190,10 +199,42 @@ pub struct ModuleConfig {
     pub stream_name: String,
     /// Use a fresh UUIDv4 as every record's partition key.
     pub use_uuid: bool,
-    /// Largest record, data plus partition key, bytes (at most 1 MiB).
+    /// Largest record, data plus partition key, bytes: at most 1 MiB, or
+    /// up to 10 MiB for a stream whose maximum record size allows it.
     pub max_record_size: u32,
     /// This module's own component; by default it runs `component.path`.
     pub component: Option<PathBuf>,
+    /// Whether records are packed into KPL aggregates.
+    pub aggregation: Aggregation,
+    /// Largest aggregate, bytes, data plus its partition key (the KPL's
+    /// default, 51200); at most the stream's record limit.
+    pub aggregation_max_bytes: u32,
+    /// Most user records in one aggregate.
+    pub aggregation_max_records: u32,
+}
+
+/// How a module's records become Kinesis records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Aggregation {
+    /// One Kinesis record per record, as the guest made it.
+    #[default]
+    None,
+    /// Records bound for the same shard share Kinesis records in the KPL's
+    /// aggregated format, which KCL consumers, Firehose and Lambda (with
+    /// the kinesis-aggregation library) read as the records themselves.
+    Kpl,
+}
+
+impl ModuleConfig {
+    /// The largest Kinesis record this module sends: a record, or an
+    /// aggregate.
+    pub fn largest_kinesis_record(&self) -> u32 {
+        match self.aggregation {
+            Aggregation::None => self.max_record_size,
+            Aggregation::Kpl => self.max_record_size.max(self.aggregation_max_bytes),
+        }
+    }
 }
 
 impl Default for ModuleConfig {
@@ -210,6 +251,9 @@ impl Default for ModuleConfig {
             use_uuid: false,
             max_record_size: KINESIS_MAX_RECORD_BYTES,
             component: None,
+            aggregation: Aggregation::None,
+            aggregation_max_bytes: AGGREGATION_MAX_BYTES,
+            aggregation_max_records: 1000,
         }
     }
 }
@@ -465,10 +509,41 @@ impl Config {
             if let Err(message) = check_stream_name(&module.stream_name) {
                 report(field("stream_name"), message);
             }
-            if module.max_record_size == 0 || module.max_record_size > KINESIS_MAX_RECORD_BYTES {
+            if module.max_record_size == 0 || module.max_record_size > KINESIS_LARGE_RECORD_BYTES {
                 report(
                     field("max_record_size"),
-                    format!("must be between 1 and {KINESIS_MAX_RECORD_BYTES} (1 MiB)"),
+                    format!(
+                        "must be between 1 and {KINESIS_LARGE_RECORD_BYTES} (10 MiB; above \
+                         {KINESIS_MAX_RECORD_BYTES}, 1 MiB, only for a stream whose maximum \
+                         record size allows it)"
+                    ),
+                );
+            } else if module.max_record_size > self.component.max_event_output_bytes {
+                report(
+                    field("max_record_size"),
+                    format!(
+                        "is above component.max_event_output_bytes ({}), so no event could \
+                         make a record this large; raise that too",
+                        self.component.max_event_output_bytes
+                    ),
+                );
+            }
+            if !(AGGREGATION_MIN_BYTES..=KINESIS_LARGE_RECORD_BYTES)
+                .contains(&module.aggregation_max_bytes)
+            {
+                report(
+                    field("aggregation_max_bytes"),
+                    format!(
+                        "must be between {AGGREGATION_MIN_BYTES} and {KINESIS_LARGE_RECORD_BYTES} \
+                         (above {KINESIS_MAX_RECORD_BYTES} only for a stream whose maximum record \
+                         size allows it); the KPL's default is {AGGREGATION_MAX_BYTES}"
+                    ),
+                );
+            }
+            if !(1..=AGGREGATION_RECORDS_LIMIT).contains(&module.aggregation_max_records) {
+                report(
+                    field("aggregation_max_records"),
+                    format!("must be between 1 and {AGGREGATION_RECORDS_LIMIT}"),
                 );
             }
         }
@@ -774,7 +849,10 @@ max_in_flight = 0
 [[modules]]
 id = "AB"
 external_id = "x"
-max_record_size = 2000000
+max_record_size = 20000000
+aggregation = "kpl"
+aggregation_max_bytes = 10
+aggregation_max_records = 0
 [[modules]]
 id = "dup"
 subscribe_events = ["*"]
@@ -805,6 +883,8 @@ stream_name = "bad name!"
             "modules[0].region",
             "modules[0].stream_name",
             "modules[0].max_record_size",
+            "modules[0].aggregation_max_bytes",
+            "modules[0].aggregation_max_records",
             "modules[2].id",
             "modules[2].bulk_data_label",
             "modules[2].role_arn",
@@ -816,6 +896,42 @@ stream_name = "bad name!"
             );
         }
         assert!(!found.contains(&"modules[1].id".to_owned()), "{found:?}");
+    }
+
+    #[test]
+    fn large_records_need_room_in_an_event_call() {
+        let text = EXAMPLE.replace(
+            "stream_name = \"sensors\"",
+            "stream_name = \"sensors\"\nmax_record_size = 5242880",
+        );
+        assert_eq!(
+            fields(&text),
+            ["modules[0].max_record_size"],
+            "5 MiB records, 4 MiB of event output"
+        );
+        let text = text.replace(
+            "[component]",
+            "[component]\nmax_event_output_bytes = 10485760",
+        );
+        assert_eq!(fields(&text), Vec::<String>::new());
+    }
+
+    #[test]
+    fn aggregation_is_off_unless_asked_for() {
+        let config: Config = toml::from_str(EXAMPLE).expect("example parses");
+        assert_eq!(config.modules[0].aggregation, Aggregation::None);
+        assert_eq!(
+            config.modules[0].largest_kinesis_record(),
+            KINESIS_MAX_RECORD_BYTES
+        );
+        let text = EXAMPLE.replace(
+            "stream_name = \"sensors\"",
+            "stream_name = \"sensors\"\naggregation = \"kpl\"\naggregation_max_bytes = 2000000",
+        );
+        let config: Config = toml::from_str(&text).expect("parses");
+        assert_eq!(config.modules[0].aggregation, Aggregation::Kpl);
+        assert_eq!(config.modules[0].aggregation_max_records, 1000);
+        assert_eq!(config.modules[0].largest_kinesis_record(), 2_000_000);
     }
 
     #[test]

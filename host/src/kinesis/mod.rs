@@ -7,21 +7,66 @@ pub mod aggregate;
 
 use md5::{Digest, Md5};
 
-/// Most bytes one record may carry, data plus partition key.
+/// Most bytes one record may carry, data plus partition key, on every
+/// stream (a stream's own limit may be higher: [`StreamLimits`]).
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Most bytes one record may carry on a stream whose limit was raised.
+pub const MAX_LARGE_RECORD_BYTES: usize = 10 * 1024 * 1024;
 /// Most records one PutRecords request may carry.
 pub const MAX_RECORDS_PER_REQUEST: usize = 500;
 /// Most bytes one PutRecords request may carry, data plus partition keys.
 pub const MAX_BYTES_PER_REQUEST: usize = 5 * 1024 * 1024;
+/// Most bytes one PutRecords request may carry to a stream that takes
+/// records over 1 MiB.
+pub const MAX_LARGE_BYTES_PER_REQUEST: usize = 10 * 1024 * 1024;
+
+/// What one stream takes, beyond what every stream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Its largest record, data plus partition key (`MaxRecordSizeInKiB`).
+    pub max_record_bytes: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            max_record_bytes: MAX_RECORD_BYTES,
+        }
+    }
+}
+
+impl StreamLimits {
+    /// The limits of a stream whose `MaxRecordSizeInKiB` is `kib` (a
+    /// stream that does not say has the 1 MiB every stream has).
+    pub fn from_kib(kib: Option<i32>) -> Self {
+        let bytes = kib
+            .and_then(|kib| usize::try_from(kib).ok())
+            .map_or(MAX_RECORD_BYTES, |kib| kib * 1024);
+        Self {
+            max_record_bytes: bytes.clamp(MAX_RECORD_BYTES, MAX_LARGE_RECORD_BYTES),
+        }
+    }
+
+    /// Most bytes of one PutRecords request to the stream.
+    pub fn request_bytes(&self) -> usize {
+        if self.max_record_bytes > MAX_RECORD_BYTES {
+            MAX_LARGE_BYTES_PER_REQUEST
+        } else {
+            MAX_BYTES_PER_REQUEST
+        }
+    }
+}
 /// Partition keys are 1 to 256 Unicode characters.
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
 
 /// Checks a record against Kinesis's own rules (`size` is data plus
-/// partition key), so one bad record never makes a whole request fail.
+/// partition key, at most `max_bytes`: the stream's limit), so one bad
+/// record never makes a whole request fail.
 pub fn check_record(
     partition_key: &str,
     explicit_hash_key: Option<&str>,
     size: usize,
+    max_bytes: usize,
 ) -> Result<(), String> {
     let key_chars = partition_key.chars().count();
     if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
@@ -29,9 +74,9 @@ pub fn check_record(
             "partition key has {key_chars} characters; Kinesis takes 1 to {MAX_PARTITION_KEY_CHARS}"
         ));
     }
-    if size > MAX_RECORD_BYTES {
+    if size > max_bytes {
         return Err(format!(
-            "record is {size} bytes with its partition key; Kinesis takes at most {MAX_RECORD_BYTES}"
+            "record is {size} bytes with its partition key; the stream takes at most {max_bytes}"
         ));
     }
     // Kinesis' pattern is `0|([1-9]\d{0,38})`, within 0..2^128.
@@ -63,21 +108,57 @@ mod tests {
 
     #[test]
     fn records_are_checked_against_kinesis_limits() {
-        assert!(check_record("1001", None, MAX_RECORD_BYTES).is_ok());
-        assert!(check_record("1001", None, MAX_RECORD_BYTES + 1).is_err());
-        assert!(check_record("", None, 1).is_err());
+        assert!(check_record("1001", None, MAX_RECORD_BYTES, MAX_RECORD_BYTES).is_ok());
+        assert!(check_record("1001", None, MAX_RECORD_BYTES + 1, MAX_RECORD_BYTES).is_err());
+        assert!(check_record("", None, 1, MAX_RECORD_BYTES).is_err());
         assert!(
-            check_record(&"ü".repeat(256), None, 513).is_ok(),
+            check_record(&"ü".repeat(256), None, 513, MAX_RECORD_BYTES).is_ok(),
             "256 characters, 512 bytes"
         );
-        assert!(check_record(&"k".repeat(257), None, 258).is_err());
-        assert!(check_record("k", Some("340282366920938463463374607431768211455"), 2).is_ok());
-        assert!(check_record("k", Some("340282366920938463463374607431768211456"), 2).is_err());
-        assert!(check_record("k", Some("0x10"), 2).is_err());
-        assert!(check_record("k", Some("0"), 2).is_ok());
-        assert!(check_record("k", Some("042"), 2).is_err(), "leading zero");
-        assert!(check_record("k", Some("00"), 2).is_err());
-        assert!(check_record("k", Some(""), 2).is_err());
+        assert!(check_record(&"k".repeat(257), None, 258, MAX_RECORD_BYTES).is_err());
+        assert!(
+            check_record(
+                "k",
+                Some("340282366920938463463374607431768211455"),
+                2,
+                MAX_RECORD_BYTES
+            )
+            .is_ok()
+        );
+        assert!(
+            check_record(
+                "k",
+                Some("340282366920938463463374607431768211456"),
+                2,
+                MAX_RECORD_BYTES
+            )
+            .is_err()
+        );
+        assert!(check_record("k", Some("0x10"), 2, MAX_RECORD_BYTES).is_err());
+        assert!(check_record("k", Some("0"), 2, MAX_RECORD_BYTES).is_ok());
+        assert!(
+            check_record("k", Some("042"), 2, MAX_RECORD_BYTES).is_err(),
+            "leading zero"
+        );
+        assert!(check_record("k", Some("00"), 2, MAX_RECORD_BYTES).is_err());
+        assert!(check_record("k", Some(""), 2, MAX_RECORD_BYTES).is_err());
+    }
+
+    #[test]
+    fn a_stream_with_a_raised_limit_takes_larger_records_and_requests() {
+        let plain = StreamLimits::from_kib(None);
+        assert_eq!(plain, StreamLimits::default());
+        assert_eq!(plain.request_bytes(), MAX_BYTES_PER_REQUEST);
+        assert_eq!(StreamLimits::from_kib(Some(1024)), plain);
+        let large = StreamLimits::from_kib(Some(10240));
+        assert_eq!(large.max_record_bytes, 10 * 1024 * 1024);
+        assert_eq!(large.request_bytes(), 10 * 1024 * 1024);
+        assert_eq!(
+            StreamLimits::from_kib(Some(2048)).max_record_bytes,
+            2 * 1024 * 1024
+        );
+        assert!(check_record("k", None, 5_000_000, large.max_record_bytes).is_ok());
+        assert!(check_record("k", None, 5_000_000, plain.max_record_bytes).is_err());
     }
 
     #[test]

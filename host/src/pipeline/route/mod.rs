@@ -345,6 +345,7 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
             &record.partition_key,
             record.explicit_hash_key.as_deref(),
             size,
+            module.config.max_record_size as usize,
         ) {
             Ok(()) => {
                 let mut spooled = SpoolRecord::new(

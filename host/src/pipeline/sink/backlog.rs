@@ -6,7 +6,9 @@
 //! "key"`: as many as a request takes; `"strict"`: one, since Kinesis may
 //! fail one record of a request and accept the next, and two records of one
 //! key in one request could then land out of order; [`overtaken`] finds
-//! those). A key whose record failed waits out its own backoff while other
+//! those; with aggregation, as many as share one aggregate, which succeeds
+//! or fails whole). Which Kinesis record each joins, and what the
+//! request's limits and the shards' pacing allow, is [`super::pack`]'s. A key whose record failed waits out its own backoff while other
 //! keys go on; its failed records stay at its head and are sent again
 //! before anything newer.
 //!
@@ -30,9 +32,12 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pack::{Batch, Offer, Packer};
 use super::retry::{Failure, FailureKind, Health, Place, RetryLimits, Track, counts};
-use crate::kinesis::{MAX_BYTES_PER_REQUEST, MAX_RECORDS_PER_REQUEST};
 use crate::store::spool::SpoolRecord;
+
+/// A key's cap while nothing narrows it: no limit of its own.
+const FULL_CAP: usize = usize::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyState {
@@ -75,15 +80,6 @@ pub enum Verdict {
     DeadLetter(String),
 }
 
-/// The next request's records, or how long until one can be made.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Records to send, at most `max_per_key` per key, in key order.
-    pub records: Vec<SpoolRecord>,
-    /// When records were held back by pacing: the shortest wait.
-    pub paced_for: Option<Duration>,
-}
-
 /// Records waiting to be sent, per partition key.
 #[derive(Debug)]
 pub struct Backlog {
@@ -92,6 +88,8 @@ pub struct Backlog {
     waiting: BinaryHeap<Reverse<(Instant, Arc<str>)>>,
     max_per_key: usize,
     records: usize,
+    /// Bytes of the records waiting, in flight included.
+    bytes: usize,
     /// The failures of records that failed at least once, by spool seq.
     tracks: HashMap<u64, Track>,
     /// How the requests have gone so far, to tell whether others went
@@ -111,6 +109,7 @@ impl Backlog {
             waiting: BinaryHeap::new(),
             max_per_key: max_per_key.max(1),
             records: 0,
+            bytes: 0,
             tracks: HashMap::new(),
             health: Health::default(),
             limits,
@@ -122,6 +121,11 @@ impl Backlog {
         self.records
     }
 
+    /// Bytes of the records waiting, in flight included.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// True when nothing waits.
     pub fn is_empty(&self) -> bool {
         self.records == 0
@@ -130,6 +134,7 @@ impl Backlog {
     /// Queues a record behind the earlier ones of its key.
     pub fn push(&mut self, record: SpoolRecord) {
         self.records += 1;
+        self.bytes += record.size;
         let key = record.partition_key.clone();
         match self.keys.get_mut(&key) {
             Some(queue) => queue.records.push_back(record),
@@ -140,7 +145,7 @@ impl Backlog {
                         records: VecDeque::from([record]),
                         failures: 0,
                         state: KeyState::Ready,
-                        cap: MAX_RECORDS_PER_REQUEST,
+                        cap: FULL_CAP,
                     },
                 );
                 self.ready.push_back(key);
@@ -154,14 +159,10 @@ impl Backlog {
     }
 
     /// Takes the next request's records: keys in turn, the head records of
-    /// each, within the request limits and the keys' caps (a key joins only
-    /// a request no larger than its cap), and as `admit` allows (it paces
-    /// shards: `Err(wait)` holds a record back).
-    pub fn next_batch(
-        &mut self,
-        now: Instant,
-        mut admit: impl FnMut(&SpoolRecord) -> Result<(), Duration>,
-    ) -> Batch {
+    /// each, as `packer` takes them (it packs them into Kinesis records
+    /// within the request's limits and paces the shards) and within the
+    /// keys' caps (a key joins only a request no larger than its cap).
+    pub fn next_batch(&mut self, now: Instant, mut packer: Packer<'_>) -> Batch {
         while let Some(Reverse((at, _))) = self.waiting.peek() {
             if *at > now {
                 break;
@@ -174,12 +175,12 @@ impl Backlog {
                 self.ready.push_back(key);
             }
         }
-        let mut batch = Batch::default();
-        let mut bytes = 0;
+        let mut paced_for: Option<Duration> = None;
+        let mut taken_in_all = 0;
         // The request's size limit: the smallest cap of the keys in it.
-        let mut limit = MAX_RECORDS_PER_REQUEST;
+        let mut limit = FULL_CAP;
         for _ in 0..self.ready.len() {
-            if batch.records.len() >= limit {
+            if taken_in_all >= limit {
                 break;
             }
             let Some(key) = self.ready.pop_front() else {
@@ -188,33 +189,45 @@ impl Backlog {
             let Some(queue) = self.keys.get_mut(&key) else {
                 continue;
             };
-            if queue.cap <= batch.records.len() {
+            if queue.cap <= taken_in_all {
                 // Joining would make the request larger than the key may travel in.
                 self.ready.push_back(key);
                 continue;
             }
             let room = limit.min(queue.cap);
             let mut taken = 0;
+            let mut full = false;
             for record in queue.records.iter().take(self.max_per_key) {
-                if batch.records.len() >= room || bytes + record.size > MAX_BYTES_PER_REQUEST {
+                if taken_in_all >= room {
                     break;
                 }
-                if let Err(wait) = admit(record) {
-                    batch.paced_for = Some(batch.paced_for.map_or(wait, |w| w.min(wait)));
-                    break;
+                match packer.offer(record, taken == 0) {
+                    Offer::Taken => {
+                        taken += 1;
+                        taken_in_all += 1;
+                    }
+                    Offer::KeyDone => break,
+                    Offer::Paced(wait) => {
+                        paced_for = Some(paced_for.map_or(wait, |w| w.min(wait)));
+                        break;
+                    }
+                    Offer::Full => {
+                        full = true;
+                        break;
+                    }
                 }
-                bytes += record.size;
-                batch.records.push(record.clone());
-                taken += 1;
             }
             if taken == 0 {
                 self.ready.push_back(key);
-                continue;
+            } else {
+                limit = room;
+                queue.state = KeyState::InFlight;
             }
-            limit = room;
-            queue.state = KeyState::InFlight;
+            if full {
+                break;
+            }
         }
-        batch
+        packer.finish(paced_for)
     }
 
     /// Decides what becomes of each record of a sent request from Kinesis'
@@ -334,6 +347,7 @@ impl Backlog {
             for (record, done) in head.into_iter().zip(&marks).rev() {
                 if *done {
                     self.records -= 1;
+                    self.bytes -= record.size;
                 } else {
                     queue.records.push_front(record);
                 }
@@ -348,7 +362,7 @@ impl Backlog {
                 self.waiting.push(Reverse((at, key.clone())));
             } else {
                 queue.failures = 0;
-                queue.cap = MAX_RECORDS_PER_REQUEST;
+                queue.cap = FULL_CAP;
                 if queue.records.is_empty() {
                     self.keys.remove(key);
                 } else {
@@ -384,6 +398,9 @@ pub fn overtaken<'a>(records: &'a [SpoolRecord], verdicts: &[Verdict]) -> Vec<&'
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kinesis::{MAX_BYTES_PER_REQUEST, MAX_RECORDS_PER_REQUEST};
+    use crate::pipeline::sink::pack::{AggregateLimits, Entry, PackLimits};
+    use crate::pipeline::sink::shards::{Shard, ShardMap, ShardPacer};
 
     /// The defaults of `kinesis.record_max_attempts` and `record_max_failing_secs`.
     const LIMITS: RetryLimits = RetryLimits {
@@ -408,8 +425,15 @@ mod tests {
         batch.records.iter().map(|r| r.seq).collect()
     }
 
-    fn no_pacing(_: &SpoolRecord) -> Result<(), Duration> {
-        Ok(())
+    /// Kinesis' own request limits, without aggregation.
+    const PLAIN: PackLimits = PackLimits {
+        request_bytes: MAX_BYTES_PER_REQUEST,
+        aggregation: None,
+    };
+
+    /// A request of plain records, without pacing.
+    fn plain() -> Packer<'static> {
+        Packer::new(PLAIN, None, Instant::now())
     }
 
     #[test]
@@ -419,17 +443,17 @@ mod tests {
             backlog.push(record(seq, key));
         }
         let now = Instant::now();
-        let first = backlog.next_batch(now, no_pacing);
+        let first = backlog.next_batch(now, plain());
         assert_eq!(seqs(&first), [1, 3]);
         assert!(
-            backlog.next_batch(now, no_pacing).records.is_empty(),
+            backlog.next_batch(now, plain()).records.is_empty(),
             "keys in flight wait for their answer"
         );
         backlog.complete(&first.records, &[true, true], now, |_| Duration::ZERO);
-        let second = backlog.next_batch(now, no_pacing);
+        let second = backlog.next_batch(now, plain());
         assert_eq!(seqs(&second), [2, 5]);
         backlog.complete(&second.records, &[true, true], now, |_| Duration::ZERO);
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [4]);
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [4]);
     }
 
     #[test]
@@ -439,15 +463,15 @@ mod tests {
             backlog.push(record(seq, key));
         }
         let now = Instant::now();
-        let first = backlog.next_batch(now, no_pacing);
+        let first = backlog.next_batch(now, plain());
         backlog.complete(&first.records, &[false, true], now, |n| {
             Duration::from_millis(100 * u64::from(n))
         });
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [4], "b goes on");
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [4], "b goes on");
         assert_eq!(backlog.next_retry(), Some(now + Duration::from_millis(100)));
         let later = now + Duration::from_millis(100);
         assert_eq!(
-            seqs(&backlog.next_batch(later, no_pacing)),
+            seqs(&backlog.next_batch(later, plain())),
             [1],
             "a's head again"
         );
@@ -461,30 +485,45 @@ mod tests {
             backlog.push(record(seq, "a"));
         }
         let now = Instant::now();
-        let batch = backlog.next_batch(now, no_pacing);
+        let batch = backlog.next_batch(now, plain());
         assert_eq!(seqs(&batch), [1, 2, 3]);
         backlog.complete(&batch.records, &[true, false, true], now, |_| {
             Duration::ZERO
         });
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [2, 4, 5]);
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [2, 4, 5]);
     }
 
     #[test]
     fn pacing_holds_records_back_and_reports_the_wait() {
         let mut backlog = Backlog::new(1, LIMITS);
-        backlog.push(record(1, "a"));
-        backlog.push(record(2, "b"));
+        let mut a = record(1, "a");
+        a.hash_key = 10;
+        let mut b = record(2, "b");
+        b.hash_key = u128::MAX;
+        backlog.push(a);
+        backlog.push(b);
+        let half = u128::MAX / 2;
+        let map = ShardMap::new(vec![
+            Shard {
+                id: "low".into(),
+                start: 0,
+                end: half,
+            },
+            Shard {
+                id: "high".into(),
+                start: half + 1,
+                end: u128::MAX,
+            },
+        ]);
+        let mut pacer = ShardPacer::new(2, 10, 1_000_000);
         let now = Instant::now();
-        let batch = backlog.next_batch(now, |r| {
-            if &*r.partition_key == "a" {
-                Err(Duration::from_millis(30))
-            } else {
-                Ok(())
-            }
-        });
-        assert_eq!(seqs(&batch), [2]);
-        assert_eq!(batch.paced_for, Some(Duration::from_millis(30)));
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [1]);
+        for _ in 0..10 {
+            assert!(pacer.try_take(0, 1, 1, now));
+        }
+        let batch = backlog.next_batch(now, Packer::new(PLAIN, Some((&map, &mut pacer)), now));
+        assert_eq!(seqs(&batch), [2], "a's shard is at its limit");
+        assert_eq!(batch.paced_for, Some(Duration::from_millis(100)));
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [1]);
     }
 
     #[test]
@@ -495,7 +534,7 @@ mod tests {
         }
         let now = Instant::now();
         let sizes: Vec<usize> = (0..3)
-            .map(|_| backlog.next_batch(now, no_pacing).records.len())
+            .map(|_| backlog.next_batch(now, plain()).records.len())
             .collect();
         assert_eq!(sizes, [500, 500, 201]);
 
@@ -505,7 +544,7 @@ mod tests {
             big.size = 1024 * 1024;
             backlog.push(big);
         }
-        assert_eq!(backlog.next_batch(now, no_pacing).records.len(), 5, "5 MiB");
+        assert_eq!(backlog.next_batch(now, plain()).records.len(), 5, "5 MiB");
     }
 
     #[test]
@@ -536,6 +575,50 @@ mod tests {
     }
 
     #[test]
+    fn with_aggregation_a_key_travels_in_one_aggregate_however_many_records_it_has() {
+        let limits = PackLimits {
+            request_bytes: MAX_BYTES_PER_REQUEST,
+            aggregation: Some(AggregateLimits {
+                max_bytes: 51_200,
+                max_records: 100,
+            }),
+        };
+        let mut backlog = Backlog::new(usize::MAX, LIMITS);
+        for seq in 0..250 {
+            backlog.push(record(seq, "busy"));
+        }
+        for seq in 1000..1300 {
+            backlog.push(record(seq, &format!("quiet{seq}")));
+        }
+        let now = Instant::now();
+        let batch = backlog.next_batch(now, Packer::new(limits, None, now));
+        let busy: Vec<&Entry> = batch.entries.iter().filter(|e| e.records == 100).collect();
+        assert_eq!(batch.records.len(), 100 + 300);
+        assert_eq!(
+            busy.len(),
+            1,
+            "the busy key fills one aggregate: {:?}",
+            batch.entries
+        );
+        assert!(
+            batch.records[..100]
+                .iter()
+                .all(|r| &*r.partition_key == "busy")
+        );
+        assert_eq!(seqs(&batch)[..3], [0, 1, 2]);
+        assert!(
+            batch.entries[1..]
+                .iter()
+                .all(|e| e.records == 1 && !e.aggregated),
+            "without a shard map, keys aggregate apart; one record goes plain"
+        );
+        backlog.complete(&batch.records, &vec![true; 400], now, |_| Duration::ZERO);
+        let next = backlog.next_batch(now, Packer::new(limits, None, now));
+        assert_eq!(seqs(&next)[..2], [100, 101], "the key goes on in order");
+        assert_eq!(next.entries.len(), 1);
+    }
+
+    #[test]
     fn in_key_order_a_key_fills_a_request_and_failed_records_keep_their_place() {
         let mut backlog = Backlog::new(MAX_RECORDS_PER_REQUEST, LIMITS);
         for seq in 1..=600 {
@@ -543,15 +626,15 @@ mod tests {
         }
         backlog.push(record(1000, "quiet"));
         let now = Instant::now();
-        let first = backlog.next_batch(now, no_pacing);
+        let first = backlog.next_batch(now, plain());
         assert_eq!(first.records.len(), 500);
         assert_eq!(seqs(&first)[..3], [1, 2, 3]);
-        let second = backlog.next_batch(now, no_pacing);
+        let second = backlog.next_batch(now, plain());
         assert_eq!(seqs(&second), [1000], "busy is in flight");
         let done: Vec<bool> = (1..=500).map(|seq| seq % 100 != 7).collect();
         backlog.complete(&first.records, &done, now, |_| Duration::ZERO);
         assert_eq!(backlog.len(), 100 + 5 + 1);
-        let again = backlog.next_batch(now, no_pacing);
+        let again = backlog.next_batch(now, plain());
         let again = seqs(&again);
         assert_eq!(
             again[..5],
@@ -612,7 +695,7 @@ mod tests {
         /// Sends one request, or waits for the next key in backoff; false
         /// when the backlog is empty.
         fn step(&mut self, kinesis: &mut impl FnMut(&[SpoolRecord]) -> Reply) -> bool {
-            let batch = self.backlog.next_batch(self.now, no_pacing);
+            let batch = self.backlog.next_batch(self.now, plain());
             if batch.records.is_empty() {
                 let Some(at) = self.backlog.next_retry() else {
                     return false;
@@ -980,15 +1063,15 @@ mod tests {
             backlog.push(record(seq, key));
         }
         let now = Instant::now();
-        let batch = backlog.next_batch(now, no_pacing);
+        let batch = backlog.next_batch(now, plain());
         assert_eq!(seqs(&batch), [1, 2, 3, 4, 5]);
         let verdicts = backlog.settle(&batch.records, Answer::Request(&server_error()), now);
         assert_eq!(verdicts, vec![Verdict::Retry; 5]);
         backlog.complete(&batch.records, &[false; 5], now, |_| Duration::ZERO);
         // Caps of 3: the requests are halves (or less) of the failed one.
-        let first = backlog.next_batch(now, no_pacing);
+        let first = backlog.next_batch(now, plain());
         assert_eq!(seqs(&first), [1, 2, 3]);
-        let second = backlog.next_batch(now, no_pacing);
+        let second = backlog.next_batch(now, plain());
         assert_eq!(seqs(&second), [4, 5]);
         // A fresh key joins a capped request, within the cap.
         backlog.push(record(6, "f"));
@@ -999,10 +1082,10 @@ mod tests {
         backlog.settle(&second.records, Answer::Request(&server_error()), now);
         backlog.complete(&second.records, &[false; 2], now, |_| Duration::ZERO);
         // f (full), a (full again after its success), then d and e alone.
-        let third = backlog.next_batch(now, no_pacing);
+        let third = backlog.next_batch(now, plain());
         assert_eq!(seqs(&third), [6, 7]);
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [4]);
-        assert_eq!(seqs(&backlog.next_batch(now, no_pacing)), [5]);
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [4]);
+        assert_eq!(seqs(&backlog.next_batch(now, plain())), [5]);
     }
 
     #[test]
@@ -1013,12 +1096,12 @@ mod tests {
         }
         let now = Instant::now();
         let refused = Failure::new(FailureKind::Refused, "InvalidArgumentException: bad");
-        let batch = backlog.next_batch(now, no_pacing);
+        let batch = backlog.next_batch(now, plain());
         let verdicts = backlog.settle(&batch.records, Answer::Request(&refused), now);
         assert_eq!(verdicts, vec![Verdict::Retry; 3]);
         backlog.complete(&batch.records, &[false; 3], now, |_| Duration::ZERO);
         for expected in [1, 2, 3] {
-            let solo = backlog.next_batch(now, no_pacing);
+            let solo = backlog.next_batch(now, plain());
             assert_eq!(seqs(&solo), [expected]);
             let verdict = if expected == 2 {
                 let verdicts = backlog.settle(&solo.records, Answer::Request(&refused), now);

@@ -9,8 +9,12 @@
 //! request carries many records of a key: when Kinesis fails one and
 //! accepts a later one of its key, the failed one lands after it, counted
 //! as `reordered` and logged. With `"strict"` a request carries one record
-//! per key, so order holds even then. Per-shard pacing ([`super::shards`])
-//! keeps each shard under its write limits, so throttling is the exception.
+//! per key, so order holds even then. With `aggregation = "kpl"` a
+//! request's records bound for one shard share KPL aggregates
+//! ([`super::pack`]); a key's records in a request share one, which Kinesis
+//! accepts or fails whole, so order holds in either mode. Per-shard pacing
+//! ([`super::shards`]) keeps each shard under its write limits, so
+//! throttling is the exception.
 //! Waiting (pacing, backoff, a full window) sleeps until the next deadline
 //! or answer.
 //!
@@ -38,12 +42,14 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::api::{KinesisApi, PutRecordsAnswer};
-use super::backlog::{Answer, Backlog, Batch, Verdict, overtaken};
+use super::backlog::{Answer, Backlog, Verdict, overtaken};
+use super::pack::{AggregateLimits, Batch, Entry, PackLimits, Packer};
 use super::retry::{Failure, FailureKind, RetryLimits};
 use super::shards::{ShardMap, ShardPacer};
 use crate::activity::{Counters, Level};
-use crate::config::{KinesisConfig, ModuleConfig, Ordering};
-use crate::kinesis::MAX_RECORDS_PER_REQUEST;
+use crate::config::{Aggregation, KinesisConfig, ModuleConfig, Ordering};
+use crate::kinesis::aggregate::Aggregate;
+use crate::kinesis::{MAX_RECORDS_PER_REQUEST, StreamLimits};
 use crate::module::Module;
 use crate::store::dead_letter::DeadLetter;
 use crate::store::spool::{SpoolReader, SpoolRecord};
@@ -232,9 +238,19 @@ struct Shards {
     listed_at: Instant,
 }
 
+/// A Kinesis record of a request in flight.
+struct Sent {
+    /// How many of the request's records it holds.
+    records: usize,
+    /// For an aggregate: the shard it was packed for, by ID, and the hash
+    /// key that places it there (its first record's).
+    aggregate_of: Option<(String, u128)>,
+}
+
 /// A request that came back: its records and what Kinesis answered.
 struct Answered {
     records: Vec<SpoolRecord>,
+    entries: Vec<Sent>,
     bytes: usize,
     result: PutRecordsAnswer,
     /// How long the request took.
@@ -246,6 +262,8 @@ pub struct KinesisSink {
     api: Arc<dyn KinesisApi>,
     module: Arc<Module>,
     config: KinesisConfig,
+    /// What one request may hold, and how records are aggregated.
+    pack: PackLimits,
     input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     reader: SpoolReader,
     backlog: Backlog,
@@ -268,24 +286,39 @@ pub struct KinesisSink {
 }
 
 impl KinesisSink {
-    /// A sink for the module's stream, reading its spool through `reader`
-    /// (first what an earlier run left, then what arrives on `input`).
+    /// A sink for the module's stream (which takes `stream`), reading its
+    /// spool through `reader` (first what an earlier run left, then what
+    /// arrives on `input`).
     pub fn new(
         api: Arc<dyn KinesisApi>,
         module: Arc<Module>,
         config: KinesisConfig,
+        stream: StreamLimits,
         reader: SpoolReader,
         input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     ) -> Self {
-        let per_key = match config.ordering {
-            Ordering::Key => MAX_RECORDS_PER_REQUEST,
-            Ordering::Strict => 1,
+        let aggregation = match module.config.aggregation {
+            Aggregation::None => None,
+            Aggregation::Kpl => Some(AggregateLimits {
+                max_bytes: module.config.aggregation_max_bytes as usize,
+                max_records: module.config.aggregation_max_records as usize,
+            }),
+        };
+        let per_key = match (aggregation, config.ordering) {
+            // A key's records in a request share one aggregate.
+            (Some(_), _) => usize::MAX,
+            (None, Ordering::Key) => MAX_RECORDS_PER_REQUEST,
+            (None, Ordering::Strict) => 1,
         };
         let backlog = Backlog::new(per_key, RetryLimits::from_config(&config));
         Self {
             api,
             module,
             config,
+            pack: PackLimits {
+                request_bytes: stream.request_bytes(),
+                aggregation,
+            },
             input,
             reader,
             backlog,
@@ -310,6 +343,16 @@ impl KinesisSink {
         let mut open = true;
         let mut linger_until: Option<Instant> = None;
         let linger = Duration::from_millis(self.config.linger_ms);
+        if let Some(limits) = self.pack.aggregation {
+            self.module.log.write(
+                Level::Info,
+                format!(
+                    "aggregation is on: records bound for one shard share KPL aggregated records \
+                     of up to {} bytes and {} records each",
+                    limits.max_bytes, limits.max_records
+                ),
+            );
+        }
         loop {
             if *stop.borrow() {
                 break;
@@ -335,7 +378,7 @@ impl KinesisSink {
             if let Some(until) = linger_until
                 && open
                 && self.in_flight.is_empty()
-                && self.backlog.len() < MAX_RECORDS_PER_REQUEST
+                && !self.has_full_request(self.backlog.len(), self.backlog.bytes())
                 && Instant::now() < until
             {
                 tokio::select! {
@@ -370,10 +413,10 @@ impl KinesisSink {
                     self.paced_until = Some(now + wait.max(linger).max(PACED_MIN_WAIT));
                 }
                 if !batch.records.is_empty() {
-                    if batch.records.len() >= MAX_RECORDS_PER_REQUEST {
+                    if batch.full {
                         self.paced_until = None;
                     }
-                    self.start(batch.records);
+                    self.start(batch);
                     continue;
                 }
                 let retry = self.backlog.next_retry().map(Instant::from_std);
@@ -414,9 +457,17 @@ impl KinesisSink {
     /// flight: a linger after the last one started (full requests go at
     /// once), so that requests stay large while the sink keeps up.
     fn next_partial(&self, linger: Duration) -> Option<Instant> {
-        let queued = self.backlog.len().saturating_sub(self.in_flight_records);
-        (!self.in_flight.is_empty() && queued < MAX_RECORDS_PER_REQUEST)
+        let records = self.backlog.len().saturating_sub(self.in_flight_records);
+        let bytes = self.backlog.bytes().saturating_sub(self.in_flight_bytes);
+        (!self.in_flight.is_empty() && !self.has_full_request(records, bytes))
             .then(|| self.last_start + linger)
+    }
+
+    /// Whether `records` of `bytes` bytes fill a request: 500 records
+    /// (without aggregation), or the request's bytes.
+    fn has_full_request(&self, records: usize, bytes: usize) -> bool {
+        bytes >= self.pack.request_bytes
+            || (self.pack.aggregation.is_none() && records >= MAX_RECORDS_PER_REQUEST)
     }
 
     /// True while another request may start: fewer than
@@ -457,25 +508,18 @@ impl KinesisSink {
         }
     }
 
-    /// The next request's records, paced per shard when the map is known.
+    /// The next request's records, packed into its Kinesis records and
+    /// paced per shard when the map is known.
     fn next_batch(&mut self) -> Batch {
         let now = std::time::Instant::now();
-        let Some(shards) = &mut self.shards else {
-            return self.backlog.next_batch(now, |_| Ok(()));
-        };
-        let mut unmapped = false;
-        let batch = self.backlog.next_batch(now, |record| {
-            let Some(shard) = shards.map.shard_of(record.hash_key) else {
-                unmapped = true;
-                return Ok(());
-            };
-            if shards.pacer.try_take(shard, record.size, now) {
-                Ok(())
-            } else {
-                Err(shards.pacer.wait_time(shard, record.size, now))
-            }
-        });
-        self.shards_stale |= unmapped;
+        let shards = self
+            .shards
+            .as_mut()
+            .map(|shards| (&shards.map, &mut shards.pacer));
+        let batch = self
+            .backlog
+            .next_batch(now, Packer::new(self.pack, shards, now));
+        self.shards_stale |= batch.unmapped;
         batch
     }
 
@@ -537,20 +581,30 @@ impl KinesisSink {
     }
 
     /// Sends one batch as a request of its own, in flight beside the others.
-    fn start(&mut self, records: Vec<SpoolRecord>) {
+    fn start(&mut self, batch: Batch) {
+        let Batch {
+            records, entries, ..
+        } = batch;
         let bytes: usize = records.iter().map(|r| r.size).sum();
-        let entries = records
-            .iter()
-            .map(|record| {
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::from_maybe_shared(record.data.clone()))
-                    .partition_key(&*record.partition_key)
-                    .set_explicit_hash_key(record.explicit_hash_key.as_deref().map(str::to_owned))
-                    .build()
-                    .expect("data and partition key are set")
-            })
-            .collect();
-        let request = self.api.put(&self.module.config.stream_name, entries);
+        let mut request = Vec::with_capacity(entries.len());
+        let mut sent = Vec::with_capacity(entries.len());
+        let mut rest = records.as_slice();
+        for entry in &entries {
+            let (own, after) = rest.split_at(entry.records);
+            rest = after;
+            request.push(self.request_entry(entry, own));
+            let predicted = entry
+                .shard
+                .zip(self.shards.as_ref())
+                .map(|(index, shards)| shards.map.id(index).to_owned());
+            sent.push(Sent {
+                records: entry.records,
+                aggregate_of: predicted
+                    .filter(|_| entry.aggregated)
+                    .map(|id| (id, own[0].hash_key)),
+            });
+        }
+        let request = self.api.put(&self.module.config.stream_name, request);
         self.in_flight_bytes += bytes;
         self.in_flight_records += records.len();
         self.last_start = Instant::now();
@@ -560,6 +614,7 @@ impl KinesisSink {
             let result = request.await;
             Answered {
                 records,
+                entries: sent,
                 bytes,
                 result,
                 took: started.elapsed(),
@@ -567,10 +622,38 @@ impl KinesisSink {
         });
     }
 
+    /// The PutRecords entry of one Kinesis record: a record as it is, or an
+    /// aggregate placed by its first record's partition key and hash key.
+    fn request_entry(&self, entry: &Entry, records: &[SpoolRecord]) -> PutRecordsRequestEntry {
+        let first = &records[0];
+        let built = if entry.aggregated {
+            let data = Aggregate::encode(records.iter().map(|record| {
+                (
+                    &*record.partition_key,
+                    record.explicit_hash_key.as_deref(),
+                    &record.data,
+                )
+            }));
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(data))
+                .partition_key(&*first.partition_key)
+                .explicit_hash_key(first.hash_key.to_string())
+                .build()
+        } else {
+            PutRecordsRequestEntry::builder()
+                .data(Blob::from_maybe_shared(first.data.clone()))
+                .partition_key(&*first.partition_key)
+                .set_explicit_hash_key(first.explicit_hash_key.as_deref().map(str::to_owned))
+                .build()
+        };
+        built.expect("data and partition key are set")
+    }
+
     /// Settles a request that came back.
     fn answered(&mut self, answered: Answered) {
         let Answered {
             records,
+            entries,
             bytes,
             result,
             took,
@@ -579,7 +662,7 @@ impl KinesisSink {
         self.in_flight_bytes -= bytes;
         self.in_flight_records -= records.len();
         let pause = match result {
-            Ok(output) => self.put(records, &output),
+            Ok(output) => self.put(records, &entries, &output),
             Err(error) => self.request_failed(records, classify(error)),
         };
         if let Some(pause) = pause {
@@ -590,14 +673,19 @@ impl KinesisSink {
 
     /// Settles the records of a 200 answer; returns how long the whole sink
     /// should pause if the answer cannot be read.
-    fn put(&mut self, records: Vec<SpoolRecord>, output: &PutRecordsOutput) -> Option<Duration> {
+    fn put(
+        &mut self,
+        records: Vec<SpoolRecord>,
+        entries: &[Sent],
+        output: &PutRecordsOutput,
+    ) -> Option<Duration> {
         let stream = self.module.config.stream_name.clone();
         let results = output.records();
-        if results.len() != records.len() {
+        if results.len() != entries.len() {
             let error = PutError::Unreachable(format!(
-                "PutRecords answered {} results for {} records",
+                "PutRecords answered {} results for {} Kinesis records",
                 results.len(),
-                records.len()
+                entries.len()
             ));
             return self.request_failed(records, error);
         }
@@ -605,36 +693,80 @@ impl KinesisSink {
         let now = std::time::Instant::now();
         let mut failures = Vec::with_capacity(records.len());
         let mut throttled = 0u64;
+        let mut written = 0u64;
+        let mut misplaced: Option<(usize, String)> = None;
         let mut last_error = String::new();
-        for (record, result) in records.iter().zip(results) {
+        let mut rest = records.as_slice();
+        for (entry, result) in entries.iter().zip(results) {
+            let (own, after) = rest.split_at(entry.records);
+            rest = after;
             let shard = self.shards.as_mut().and_then(|shards| {
                 shards
                     .map
-                    .shard_of(record.hash_key)
+                    .shard_of(own[0].hash_key)
                     .map(|index| (shards, index))
             });
-            match result.error_code() {
-                None => {
-                    if let (Some((shards, index)), Some(id)) = (&shard, result.shard_id())
-                        && shards.map.id(*index) != id
-                    {
+            let Some(code) = result.error_code() else {
+                written += 1;
+                let landed = result.shard_id().unwrap_or_default();
+                match &entry.aggregate_of {
+                    Some((predicted, placed_by)) if !landed.is_empty() && predicted != landed => {
+                        // The stream was resharded: the aggregate's records
+                        // of other hash keys than the one that placed it may
+                        // belong to another shard, where KCL consumers look
+                        // for them; they go again, as the KPL does.
                         self.shards_stale = true;
-                    }
-                    failures.push(None);
-                }
-                Some(code) => {
-                    self.module.metrics.put_failed(code, 1);
-                    let failure = entry_failure(code, result.error_message().unwrap_or_default());
-                    if failure.kind == FailureKind::Throttled {
-                        throttled += 1;
-                        if let Some((shards, index)) = shard {
-                            shards.pacer.throttled(index, now);
+                        let reason = Failure::new(
+                            FailureKind::Stream,
+                            format!(
+                                "its aggregate landed on shard {landed}, not {predicted} as the \
+                                 shard map predicted (the stream was resharded)"
+                            ),
+                        );
+                        for record in own {
+                            if record.hash_key == *placed_by {
+                                failures.push(None);
+                            } else {
+                                let count = misplaced.get_or_insert((0, reason.detail.clone()));
+                                count.0 += 1;
+                                failures.push(Some(reason.clone()));
+                            }
                         }
                     }
-                    last_error.clone_from(&failure.detail);
-                    failures.push(Some(failure));
+                    _ => {
+                        if let Some((shards, index)) = &shard
+                            && !landed.is_empty()
+                            && shards.map.id(*index) != landed
+                        {
+                            self.shards_stale = true;
+                        }
+                        failures.extend(own.iter().map(|_| None));
+                    }
+                }
+                continue;
+            };
+            self.module.metrics.put_failed(code, 1);
+            let failure = entry_failure(code, result.error_message().unwrap_or_default());
+            if failure.kind == FailureKind::Throttled {
+                throttled += own.len() as u64;
+                if let Some((shards, index)) = shard {
+                    shards.pacer.throttled(index, now);
                 }
             }
+            last_error.clone_from(&failure.detail);
+            failures.extend(own.iter().map(|_| Some(failure.clone())));
+        }
+        Counters::add(&self.module.counters.kinesis_records, written);
+        if let Some((count, detail)) = misplaced {
+            self.module.log.write_limited(
+                "resharded",
+                Level::Warn,
+                format!(
+                    "{count} aggregated records put to stream `{stream}` are sent again: {detail}; \
+                     consumers that read aggregates by shard (the KCL) skip the copies that \
+                     landed on the wrong shard"
+                ),
+            );
         }
         let verdicts = self
             .backlog

@@ -252,32 +252,34 @@ impl ShardPacer {
         }
     }
 
-    /// Takes one record of `bytes` bytes from `shard`'s allowance if it
-    /// suffices at `now`, and says whether it did. A record larger than the
-    /// whole byte allowance goes through once the byte bucket is full.
+    /// Takes `records` records of `bytes` bytes in all from `shard`'s
+    /// allowance if it suffices at `now`, and says whether it did (an
+    /// aggregate is one record; bytes joining an aggregate are no record).
+    /// A take larger than the whole byte allowance goes through once the
+    /// byte bucket is full.
     ///
     /// # Panics
     /// If `shard` is not below the number of shards.
-    pub fn try_take(&mut self, shard: usize, bytes: usize, now: Instant) -> bool {
+    pub fn try_take(&mut self, shard: usize, records: u32, bytes: usize, now: Instant) -> bool {
         let buckets = &mut self.shards[shard];
         *buckets = buckets.at(now);
-        let bytes = bytes as f64;
-        if !(buckets.records.can_take(1.0) && buckets.bytes.can_take(bytes)) {
+        let (records, bytes) = (f64::from(records), bytes as f64);
+        if !(buckets.records.can_take(records) && buckets.bytes.can_take(bytes)) {
             return false;
         }
-        buckets.records.take(1.0);
+        buckets.records.take(records);
         buckets.bytes.take(bytes);
         true
     }
 
-    /// How long after `now` [`ShardPacer::try_take`] would take a record of
-    /// `bytes` bytes from `shard`; zero if it would now.
+    /// How long after `now` [`ShardPacer::try_take`] would take `records`
+    /// records of `bytes` bytes from `shard`; zero if it would now.
     ///
     /// # Panics
     /// If `shard` is not below the number of shards.
-    pub fn wait_time(&self, shard: usize, bytes: usize, now: Instant) -> Duration {
+    pub fn wait_time(&self, shard: usize, records: u32, bytes: usize, now: Instant) -> Duration {
         let buckets = self.shards[shard].at(now);
-        let records_wait = buckets.records.wait_time(1.0);
+        let records_wait = buckets.records.wait_time(f64::from(records));
         let bytes_wait = buckets.bytes.wait_time(bytes as f64);
         records_wait.max(bytes_wait)
     }
@@ -385,7 +387,7 @@ mod tests {
     /// How many records of `bytes` bytes `shard` takes at `now`, up to `limit`.
     fn take_all(pacer: &mut ShardPacer, bytes: usize, now: Instant, limit: usize) -> usize {
         (0..limit)
-            .take_while(|_| pacer.try_take(0, bytes, now))
+            .take_while(|_| pacer.try_take(0, 1, bytes, now))
             .count()
     }
 
@@ -394,7 +396,7 @@ mod tests {
         let mut pacer = ShardPacer::new(1, 1000, MIB as u64);
         let start = Instant::now();
         assert_eq!(take_all(&mut pacer, 10, start, 2000), 1000);
-        assert!(!pacer.try_take(0, 10, start));
+        assert!(!pacer.try_take(0, 1, 10, start));
         let later = start + Duration::from_millis(100);
         assert_eq!(take_all(&mut pacer, 10, later, 2000), 100);
     }
@@ -404,7 +406,7 @@ mod tests {
         let mut pacer = ShardPacer::new(1, 1000, 100_000);
         let start = Instant::now();
         assert_eq!(take_all(&mut pacer, 1000, start, 2000), 100);
-        assert!(!pacer.try_take(0, 1000, start));
+        assert!(!pacer.try_take(0, 1, 1000, start));
         let later = start + Duration::from_millis(100);
         assert_eq!(take_all(&mut pacer, 1000, later, 2000), 10);
     }
@@ -414,14 +416,14 @@ mod tests {
         let mut pacer = ShardPacer::new(2, 10, MIB as u64);
         let now = Instant::now();
         assert_eq!(take_all(&mut pacer, 1, now, 100), 10);
-        assert!(pacer.try_take(1, 1, now));
+        assert!(pacer.try_take(1, 1, 1, now));
     }
 
     #[test]
     fn buckets_hold_at_most_one_second() {
         let mut pacer = ShardPacer::new(1, 1000, MIB as u64);
         let start = Instant::now();
-        assert!(pacer.try_take(0, 1, start));
+        assert!(pacer.try_take(0, 1, 1, start));
         let much_later = start + Duration::from_secs(60);
         assert_eq!(take_all(&mut pacer, 1, much_later, 5000), 1000);
     }
@@ -430,12 +432,24 @@ mod tests {
     fn oversized_record_passes_when_bucket_is_full_and_leaves_a_debt() {
         let mut pacer = ShardPacer::new(1, 1000, 100_000);
         let start = Instant::now();
-        assert!(pacer.try_take(0, MIB, start));
-        assert!(!pacer.try_take(0, 1, start));
+        assert!(pacer.try_take(0, 1, MIB, start));
+        assert!(!pacer.try_take(0, 1, 1, start));
         // The debt is repaid at 100 000 bytes a second.
-        let wait = pacer.wait_time(0, MIB, start);
+        let wait = pacer.wait_time(0, 1, MIB, start);
         assert!(wait > Duration::from_secs(10), "{wait:?}");
-        assert!(pacer.try_take(0, MIB, start + wait));
+        assert!(pacer.try_take(0, 1, MIB, start + wait));
+    }
+
+    #[test]
+    fn bytes_joining_an_aggregate_take_no_record() {
+        let mut pacer = ShardPacer::new(1, 2, MIB as u64);
+        let now = Instant::now();
+        assert!(pacer.try_take(0, 1, 100, now));
+        assert!(pacer.try_take(0, 1, 100, now));
+        assert!(!pacer.try_take(0, 1, 100, now), "two records a second");
+        assert!(pacer.try_take(0, 0, 100, now), "into an aggregate");
+        assert_eq!(pacer.wait_time(0, 0, 100, now), Duration::ZERO);
+        assert_eq!(pacer.wait_time(0, 1, 100, now), Duration::from_millis(500));
     }
 
     #[test]
@@ -443,9 +457,9 @@ mod tests {
         let mut pacer = ShardPacer::new(1, 1000, MIB as u64);
         let start = Instant::now();
         pacer.throttled(0, start);
-        assert!(!pacer.try_take(0, 1, start));
-        assert_eq!(pacer.wait_time(0, 0, start), Duration::from_millis(1));
-        assert_eq!(pacer.wait_time(0, MIB, start), Duration::from_secs(1));
+        assert!(!pacer.try_take(0, 1, 1, start));
+        assert_eq!(pacer.wait_time(0, 1, 0, start), Duration::from_millis(1));
+        assert_eq!(pacer.wait_time(0, 1, MIB, start), Duration::from_secs(1));
         let later = start + Duration::from_millis(100);
         assert_eq!(take_all(&mut pacer, 1, later, 2000), 100);
     }
@@ -454,8 +468,8 @@ mod tests {
     fn wait_time_is_zero_when_try_take_would_succeed() {
         let mut pacer = ShardPacer::new(1, 1000, MIB as u64);
         let now = Instant::now();
-        assert_eq!(pacer.wait_time(0, MIB, now), Duration::ZERO);
-        assert!(pacer.try_take(0, MIB, now));
+        assert_eq!(pacer.wait_time(0, 1, MIB, now), Duration::ZERO);
+        assert!(pacer.try_take(0, 1, MIB, now));
     }
 
     #[test]
@@ -464,13 +478,13 @@ mod tests {
         let mut now = Instant::now();
         for bytes in [700, 1, 1000, 333_333, 1_000_000, 5] {
             take_all(&mut pacer, bytes, now, 2000);
-            let wait = pacer.wait_time(0, bytes, now);
+            let wait = pacer.wait_time(0, 1, bytes, now);
             assert!(wait > Duration::ZERO, "{bytes} bytes");
             let just_before = now + wait.saturating_sub(Duration::from_micros(1));
-            assert!(!pacer.try_take(0, bytes, just_before), "{bytes} bytes");
+            assert!(!pacer.try_take(0, 1, bytes, just_before), "{bytes} bytes");
             now += wait;
-            assert_eq!(pacer.wait_time(0, bytes, now), Duration::ZERO);
-            assert!(pacer.try_take(0, bytes, now), "{bytes} bytes");
+            assert_eq!(pacer.wait_time(0, 1, bytes, now), Duration::ZERO);
+            assert!(pacer.try_take(0, 1, bytes, now), "{bytes} bytes");
         }
     }
 }

@@ -14,22 +14,33 @@ use tokio::sync::{mpsc, watch};
 
 use super::api::{KinesisApi, Pending, PutRecordsAnswer};
 use super::kinesis::KinesisSink;
-use super::shards::{ListShardsError, ShardMap};
-use crate::config::{KinesisConfig, ModuleConfig, Ordering};
+use super::shards::{ListShardsError, Shard, ShardMap};
+use crate::config::{Aggregation, KinesisConfig, ModuleConfig, Ordering};
+use crate::kinesis::aggregate::deaggregate;
+use crate::kinesis::{StreamLimits, hash_key};
 use crate::module::Module;
 use crate::store::Store;
 use crate::store::spool::{SpoolReader, SpoolRecord};
 
 /// Which entries of a request the test Kinesis fails: given the request's
-/// (partition key, data) pairs and how often each data was sent before.
+/// (partition key, data) pairs (one per Kinesis record: an aggregate is
+/// one) and how often each data was sent before.
 type FailRule = fn(&[(String, Bytes)], &HashMap<Bytes, usize>) -> Vec<bool>;
 
 #[derive(Default)]
 struct Seen {
-    /// Each request's (key, data), in the order they arrived.
+    /// Each request's (key, data) of its user records (aggregates read
+    /// back), in the order they arrived.
     requests: Vec<Vec<(String, Bytes)>>,
-    /// Accepted records, in the order accepted.
+    /// Kinesis records per request.
+    entries: Vec<usize>,
+    /// Accepted user records, in the order accepted.
     accepted: Vec<(String, Bytes)>,
+    /// Aggregates whose user records do not all belong to the shard it
+    /// landed on.
+    misplaced: usize,
+    /// The data of the user records accepted on the shard they belong to.
+    placed_right: HashSet<Bytes>,
     /// How often each data was sent.
     sent: HashMap<Bytes, usize>,
     in_flight: usize,
@@ -42,11 +53,26 @@ struct Seen {
 }
 
 /// A Kinesis that answers after a round trip, fails what `fail` says (as
-/// throttled, so nothing is given up) and notes everything.
+/// throttled, so nothing is given up) and notes everything; it lists
+/// `listed` shards, and places each Kinesis record on one of `stream` by
+/// its hash key.
 struct TestKinesis {
     seen: Arc<Mutex<Seen>>,
     round_trip: Duration,
     fail: FailRule,
+    listed: Option<ShardMap>,
+    stream: Option<ShardMap>,
+}
+
+/// The user records of a Kinesis record: an aggregate's, or itself.
+fn user_records(key: &str, data: &Bytes) -> Vec<(String, Bytes)> {
+    match deaggregate(data).expect("aggregates are valid") {
+        Some(records) => records
+            .into_iter()
+            .map(|r| (r.partition_key, r.data))
+            .collect(),
+        None => vec![(key.to_owned(), data.clone())],
+    }
 }
 
 impl KinesisApi for TestKinesis {
@@ -62,11 +88,37 @@ impl KinesisApi for TestKinesis {
                 (e.partition_key().unwrap_or_default().to_owned(), data)
             })
             .collect();
+        // Where each Kinesis record lands, and which of its user records
+        // belong there.
+        let placed: Vec<(String, Vec<bool>)> = entries
+            .iter()
+            .zip(&request)
+            .map(|(entry, (key, data))| {
+                let users = user_records(key, data);
+                let Some(map) = &self.stream else {
+                    return ("shardId-000000000000".to_owned(), vec![true; users.len()]);
+                };
+                let shard_of = |key: &str, explicit: Option<&str>| {
+                    map.shard_of(hash_key(key, explicit))
+                        .expect("the map covers every key")
+                };
+                let landed = shard_of(key, entry.explicit_hash_key());
+                let belong = users
+                    .iter()
+                    .map(|(key, _)| shard_of(key, None) == landed)
+                    .collect();
+                (map.id(landed).to_owned(), belong)
+            })
+            .collect();
         let seen = self.seen.clone();
         let round_trip = self.round_trip;
         let fail = self.fail;
         Box::pin(async move {
-            let keys: HashSet<String> = request.iter().map(|(k, _)| k.clone()).collect();
+            let users: Vec<(String, Bytes)> = request
+                .iter()
+                .flat_map(|(key, data)| user_records(key, data))
+                .collect();
+            let keys: HashSet<String> = users.iter().map(|(k, _)| k.clone()).collect();
             {
                 let mut seen = seen.lock().unwrap();
                 seen.in_flight += 1;
@@ -89,17 +141,25 @@ impl KinesisApi for TestKinesis {
                 }
             }
             let mut results = Vec::new();
-            for ((key, data), failed) in request.iter().zip(&failed) {
+            for (((key, data), failed), (shard, belong)) in request.iter().zip(&failed).zip(&placed)
+            {
                 *seen.sent.entry(data.clone()).or_default() += 1;
                 let entry = if *failed {
                     PutRecordsResultEntry::builder()
                         .error_code("ProvisionedThroughputExceededException")
                         .error_message("test")
                 } else {
-                    seen.accepted.push((key.clone(), data.clone()));
+                    let users = user_records(key, data);
+                    seen.misplaced += usize::from(belong.contains(&false));
+                    for ((_, data), belongs) in users.iter().zip(belong) {
+                        if *belongs {
+                            seen.placed_right.insert(data.clone());
+                        }
+                    }
+                    seen.accepted.extend(users);
                     PutRecordsResultEntry::builder()
                         .sequence_number("1")
-                        .shard_id("shardId-000000000000")
+                        .shard_id(shard)
                 };
                 results.push(entry.build());
             }
@@ -107,7 +167,8 @@ impl KinesisApi for TestKinesis {
                 seen.keys_in_flight.remove(key);
             }
             seen.in_flight -= 1;
-            seen.requests.push(request);
+            seen.entries.push(request.len());
+            seen.requests.push(users);
             let failed_count = failed.iter().filter(|f| **f).count() as i32;
             Ok(PutRecordsOutput::builder()
                 .set_records(Some(results))
@@ -118,13 +179,12 @@ impl KinesisApi for TestKinesis {
     }
 
     fn open_shards(&self, _stream: &str) -> Pending<Result<ShardMap, ListShardsError>> {
-        // No shard map: the sink sends without pacing.
-        Box::pin(async {
-            Err(ListShardsError::Api {
-                code: "AccessDeniedException".into(),
-                message: "not in this test".into(),
-            })
-        })
+        // Without a shard map the sink sends without pacing.
+        let shards = self.listed.clone().ok_or(ListShardsError::Api {
+            code: "AccessDeniedException".into(),
+            message: "not in this test".into(),
+        });
+        Box::pin(async { shards })
     }
 }
 
@@ -139,7 +199,7 @@ struct TestModule {
 }
 
 impl TestModule {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, aggregation: Aggregation) -> Self {
         let dir = std::env::temp_dir().join(format!("ksm-sink-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
@@ -147,6 +207,7 @@ impl TestModule {
             id: "test".into(),
             stream_name: "stream".into(),
             region: "us-east-1".into(),
+            aggregation,
             ..ModuleConfig::default()
         };
         let module = Arc::new(Module::open(config, &store, u64::MAX).unwrap());
@@ -200,7 +261,41 @@ async fn run(
     before: Vec<Vec<SpoolRecord>>,
     live: Vec<Vec<SpoolRecord>>,
 ) -> Run {
-    let module = TestModule::new(name);
+    let kinesis = Kinesis {
+        fail,
+        listed: None,
+        stream: None,
+        aggregation: Aggregation::None,
+    };
+    run_with(name, config, kinesis, window, before, live).await
+}
+
+/// How the test Kinesis behaves and what the module asks of it.
+struct Kinesis {
+    fail: FailRule,
+    /// The shards it lists.
+    listed: Option<ShardMap>,
+    /// The shards it places records on.
+    stream: Option<ShardMap>,
+    aggregation: Aggregation,
+}
+
+/// As [`run`], against `kinesis`.
+async fn run_with(
+    name: &str,
+    config: KinesisConfig,
+    kinesis: Kinesis,
+    window: usize,
+    before: Vec<Vec<SpoolRecord>>,
+    live: Vec<Vec<SpoolRecord>>,
+) -> Run {
+    let Kinesis {
+        fail,
+        listed,
+        stream,
+        aggregation,
+    } = kinesis;
+    let module = TestModule::new(name, aggregation);
     let spool = &module.module.spool;
     for group in &before {
         spool.commit_for_tests(group);
@@ -211,10 +306,19 @@ async fn run(
         seen: seen.clone(),
         round_trip: Duration::from_millis(20),
         fail,
+        listed,
+        stream,
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let (_stop_tx, stop) = watch::channel(false);
-    let sink = KinesisSink::new(Arc::new(kinesis), module.module.clone(), config, reader, rx);
+    let sink = KinesisSink::new(
+        Arc::new(kinesis),
+        module.module.clone(),
+        config,
+        StreamLimits::default(),
+        reader,
+        rx,
+    );
     let task = tokio::spawn(sink.run(stop));
     for group in live {
         spool.commit_for_tests(&group);
@@ -317,6 +421,19 @@ fn fail_every_third(request: &[(String, Bytes)], sent: &HashMap<Bytes, usize>) -
         .collect()
 }
 
+/// Fails the second, fifth, eighth... entry of a request the first time it
+/// is sent: some Kinesis records of a request fail, the first never does.
+fn fail_some_after_the_first(
+    request: &[(String, Bytes)],
+    sent: &HashMap<Bytes, usize>,
+) -> Vec<bool> {
+    request
+        .iter()
+        .enumerate()
+        .map(|(i, (_, data))| i % 3 == 1 && !sent.contains_key(data))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_order_counts_every_record_overtaken_by_a_later_one_of_its_key() {
     let live = groups(1, 20, 0..30, 50);
@@ -386,5 +503,118 @@ async fn a_backlog_larger_than_the_window_drains_in_order_from_disk() {
     )
     .await;
     assert_each_once_and_in_order(&run.seen, 8000);
+    assert_eq!(run.module.module.spool.len(), (0, 0));
+}
+
+/// Four shards splitting the hash-key space evenly.
+fn four_shards() -> ShardMap {
+    let quarter = u128::MAX / 4 + 1;
+    ShardMap::new(
+        (0..4u128)
+            .map(|i| Shard {
+                id: format!("shardId-00000000000{i}"),
+                start: i * quarter,
+                end: if i == 3 {
+                    u128::MAX
+                } else {
+                    (i + 1) * quarter - 1
+                },
+            })
+            .collect(),
+    )
+}
+
+/// The map the sink lists while the stream has four shards: the one shard
+/// they were split from, as before a resharding the sink has not seen.
+fn stale_single_shard() -> ShardMap {
+    ShardMap::new(vec![Shard {
+        id: "shardId-parent".into(),
+        start: 0,
+        end: u128::MAX,
+    }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_packs_records_per_shard_and_holds_every_key_in_order_under_failures() {
+    for (ordering, fail, failing) in [
+        (Ordering::Key, accept_all as FailRule, false),
+        (Ordering::Key, fail_some_after_the_first, true),
+        (Ordering::Strict, fail_some_after_the_first, true),
+    ] {
+        let live = groups(1, 200, 0..20, 400);
+        let kinesis = Kinesis {
+            fail,
+            listed: Some(four_shards()),
+            stream: Some(four_shards()),
+            aggregation: Aggregation::Kpl,
+        };
+        let run = run_with(
+            "aggregated",
+            config(ordering, 4),
+            kinesis,
+            1 << 30,
+            vec![],
+            live,
+        )
+        .await;
+        let seen = &run.seen;
+        assert_each_once_and_in_order(seen, 4000);
+        assert_eq!(seen.misplaced, 0, "each aggregate is on its records' shard");
+        let counters = run.module.module.counters();
+        assert_eq!(counters.forwarded, 4000);
+        assert_eq!(counters.reordered, 0, "{ordering:?}");
+        let entries: usize = seen.entries.iter().sum();
+        assert!(
+            seen.requests.len() < 50 && entries < 100,
+            "{ordering:?}: {} requests, {entries} Kinesis records for 4000 records",
+            seen.requests.len()
+        );
+        assert_eq!(counters.retried > 0, failing, "{ordering:?}: {counters:?}");
+        assert!(
+            counters.kinesis_records * 10 < counters.forwarded,
+            "{ordering:?}: {counters:?}"
+        );
+        let log = run.module.module.log.entries(crate::activity::Level::Info);
+        assert!(
+            log.iter()
+                .any(|e| e.message.starts_with("aggregation is on")),
+            "{log:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aggregate_that_lands_on_another_shard_is_sent_again_where_it_belongs() {
+    // The sink's map has one shard; the stream has four: aggregates mix
+    // records of four shards and land on their first record's.
+    let live = groups(1, 40, 0..5, 200);
+    let kinesis = Kinesis {
+        fail: accept_all,
+        listed: Some(stale_single_shard()),
+        stream: Some(four_shards()),
+        aggregation: Aggregation::Kpl,
+    };
+    let run = run_with(
+        "resharded",
+        config(Ordering::Key, 2),
+        kinesis,
+        1 << 30,
+        vec![],
+        live,
+    )
+    .await;
+    let seen = &run.seen;
+    let log = run.module.module.log.entries(crate::activity::Level::Warn);
+    assert!(seen.misplaced > 0, "the test mixes shards");
+    assert!(
+        log.iter()
+            .any(|e| e.message.contains("the stream was resharded")),
+        "{log:?}"
+    );
+    // Every record reached the shard it belongs to, in the end.
+    assert_eq!(seen.placed_right.len(), 200);
+    let counters = run.module.module.counters();
+    assert_eq!(counters.forwarded, 200);
+    assert!(counters.retried > 0);
     assert_eq!(run.module.module.spool.len(), (0, 0));
 }
