@@ -4,13 +4,18 @@
 #   - Mosquitto broker and clients (apt; the system service Debian starts is stopped),
 #   - curl, Node.js and npm (apt, only if missing),
 #   - the Rust target wasm32-wasip2, clippy and rustfmt (rustup),
-#   - moto's server 5.2.1 with boto3 (pip),
+#   - moto's server 5.2.1 with boto3 1.40.60 or later (pip; an older botocore does not know
+#     MaxRecordSizeInKiB, which tests/emulators/moto_server.py adds to moto),
+#   - aws-kinesis-agg 1.2.3 with protobuf (pip), the KPL reference de-aggregator that
+#     tests/emulators/deaggregate.py reads streams with,
 #   - kinesalite 3.3.3 in tests/emulators (npm ci, from package-lock.json).
 # Run as root, or as a user with sudo.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MOTO_VERSION="5.2.1"
+BOTO3_MIN_VERSION="1.40.60"
+KINESIS_AGG_VERSION="1.2.3"
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -106,36 +111,45 @@ for component in clippy rustfmt; do
     fi
 done
 
-# --- moto (Kinesis and STS emulator) and boto3 -------------------------------------------
+# --- moto (Kinesis and STS emulator), boto3 and aws-kinesis-agg --------------------------
 
 command -v python3 >/dev/null 2>&1 || apt_install python3
 if ! python3 -m pip --version >/dev/null 2>&1; then
     apt_install python3-pip
 fi
 
-moto_ready() {
-    python3 - "$MOTO_VERSION" <<'PY' >/dev/null 2>&1
-import importlib.metadata, sys
-assert importlib.metadata.version("moto") == sys.argv[1]
-import moto.server, flask_cors, boto3  # noqa: F401  (the [server] extra and the SDK)
-PY
-}
-
-if moto_ready; then
-    say "moto $MOTO_VERSION: installed"
-else
-    say "pip install moto[server]==$MOTO_VERSION"
-    pip_args=(install --quiet --disable-pip-version-check --root-user-action=ignore
-              "moto[server]==$MOTO_VERSION")
+# pip install "$@", retrying with --break-system-packages where this Python is externally
+# managed (PEP 668).
+pip_install() {
+    local pip_args=(install --quiet --disable-pip-version-check --root-user-action=ignore "$@")
+    local out
     if ! out="$(python3 -m pip "${pip_args[@]}" 2>&1)"; then
         if grep -q "externally-managed-environment" <<<"$out"; then
             say "pip: this Python is externally managed; retrying with --break-system-packages"
             $SUDO python3 -m pip "${pip_args[@]}" --break-system-packages
         else
             printf '%s\n' "$out" >&2
-            die "pip install moto[server]==$MOTO_VERSION failed"
+            die "pip install $* failed"
         fi
     fi
+}
+
+moto_ready() {
+    python3 - "$MOTO_VERSION" <<'PY' >/dev/null 2>&1
+import importlib.metadata, sys
+assert importlib.metadata.version("moto") == sys.argv[1]
+import moto.server, flask_cors, boto3  # noqa: F401  (the [server] extra and the SDK)
+from moto.core.utils import get_service_model
+# botocore 1.40.60 on knows UpdateMaxRecordSize and MaxRecordSizeInKiB.
+assert "UpdateMaxRecordSize" in get_service_model("kinesis").operation_names
+PY
+}
+
+if moto_ready; then
+    say "moto $MOTO_VERSION: installed"
+else
+    say "pip install moto[server]==$MOTO_VERSION boto3>=$BOTO3_MIN_VERSION"
+    pip_install "moto[server]==$MOTO_VERSION" "boto3>=$BOTO3_MIN_VERSION"
     # pyenv only sees new console scripts (moto_server) after a rehash.
     if command -v pyenv >/dev/null 2>&1; then
         pyenv rehash || true
@@ -143,6 +157,23 @@ else
     moto_ready || die "moto $MOTO_VERSION is still not importable by python3 after pip install"
 fi
 # The tests and the quickstart run moto through tests/emulators/moto_server.py with this python3.
+
+kinesis_agg_ready() {
+    python3 - "$KINESIS_AGG_VERSION" <<'PY' >/dev/null 2>&1
+import importlib.metadata, sys
+assert importlib.metadata.version("aws-kinesis-agg") == sys.argv[1]
+import aws_kinesis_agg.aggregator, aws_kinesis_agg.deaggregator  # noqa: F401  (and protobuf)
+PY
+}
+
+if kinesis_agg_ready; then
+    say "aws-kinesis-agg $KINESIS_AGG_VERSION: installed"
+else
+    say "pip install aws-kinesis-agg==$KINESIS_AGG_VERSION"
+    pip_install "aws-kinesis-agg==$KINESIS_AGG_VERSION"
+    kinesis_agg_ready \
+        || die "aws-kinesis-agg $KINESIS_AGG_VERSION is still not importable by python3 after pip install"
+fi
 
 # --- kinesalite (second Kinesis emulator) ------------------------------------------------
 

@@ -7,6 +7,8 @@
 //! - `harness_smoke`: the test harness itself against Mosquitto, moto and kinesalite.
 //! - `support`: the `ksm` binary as a process under test, and its admin API.
 //! - `events`, `bulk_data`: MODE events and bulk data end to end, dead letters, logs.
+//! - `aggregation`: KPL aggregation against moto and kinesalite, read back by the
+//!   reference de-aggregator; large records where the stream allows them.
 //! - `credentials`: role assumption with an external ID.
 //! - `faults`: the delivery guarantees under faults (kill -9, Kinesis outage,
 //!   partial failures, broker restart, full spool, shared group).
@@ -28,6 +30,7 @@
 //! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
 
 mod admin_access;
+mod aggregation;
 mod bulk_data;
 mod credentials;
 mod dead_letters;

@@ -29,6 +29,8 @@
 //! - [`kinesalite`]: [`Kinesalite`], a second, independent Kinesis emulator.
 //! - [`proxy`]: [`RecordingProxy`], an HTTP proxy that records every request to an emulator
 //!   and can play faults (an unreachable endpoint, throttled entries, 500s, slow answers).
+//! - [`reference`]: [`ReferenceRead`], a stream read back by the KPL's reference
+//!   de-aggregator (Python), with the checks aggregated streams must pass.
 //! - [`kinesis`]: SDK clients with fake credentials, the environment for a host process,
 //!   stream creation and reading back every record.
 //! - [`mqtt`]: publishing with acknowledgements, and a subscriber.
@@ -49,6 +51,7 @@ pub mod moto;
 pub mod mqtt;
 pub mod process;
 pub mod proxy;
+pub mod reference;
 pub mod tls;
 
 use std::net::TcpListener;
@@ -69,6 +72,7 @@ pub use mosquitto::Mosquitto;
 pub use moto::Moto;
 pub use mqtt::publish_all;
 pub use proxy::{AcceptedRecord, Faults, PutRecordsStats, RecordedRequest, RecordingProxy};
+pub use reference::ReferenceRead;
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it by binding port 0).
 ///
