@@ -5,12 +5,15 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use ksm_tests::proxy::{Poison, PoisonAnswer};
 use ksm_tests::{
     Faults, Kinesalite, Mosquitto, RecordingProxy, ReferenceRead, aws_env, create_stream,
     kinesis_client, publish_all, read_all_records, unique_stream_name,
 };
 
-use crate::support::{Bench, HostOptions, Ksm, ModuleSpec, config, config_with_options, module};
+use crate::support::{
+    Bench, HostOptions, Ksm, ModuleSpec, config, config_with_options, dead_letter_data, module,
+};
 
 /// Devices that send events in the tests, and events per device.
 const DEVICES: u64 = 300;
@@ -375,4 +378,121 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
         ),
         "{log}"
     );
+}
+
+/// Marks the poisoned record's data, which the proxy fails wherever it
+/// finds it: inside an aggregate too.
+const POISON: &str = "poison-in-the-aggregate";
+
+fn reading(id: &str, note: &str) -> String {
+    format!(r#"{{"eventType":"t","eventData":{{"id":"{id}","note":"{note}"}},"homeId":77}}"#)
+}
+
+/// A poisoned record shares aggregates with many others, which Kinesis
+/// fails whole (`answer`) each time: the aggregates are halved until it
+/// goes alone, only it becomes a dead letter (as the record it is, not as
+/// an aggregate), and once Kinesis takes it, it replays.
+async fn a_poison_record_is_narrowed_out_of_its_aggregates(prefix: &str, answer: PoisonAnswer) {
+    let bench = Bench::new(prefix, 1).await;
+    let proxy = RecordingProxy::start(&bench.moto.endpoint());
+    proxy.set_poison(Some(Poison {
+        marker: POISON.as_bytes().to_vec(),
+        answer,
+    }));
+    let options = HostOptions {
+        kinesis: "record_max_attempts = 4\nrecord_max_failing_secs = 600".into(),
+        ..HostOptions::default()
+    };
+    let host = bench.ksm_with(
+        &proxy.endpoint(),
+        &format!("ksm-{prefix}"),
+        &[aggregating("packed", &bench.stream)],
+        &options,
+    );
+    let mut messages: Vec<(String, String)> = (0..5)
+        .map(|n| {
+            let note = if n == 1 { POISON } else { "-" };
+            (
+                "/devices/1001/event".to_owned(),
+                reading(&format!("a{n}"), note),
+            )
+        })
+        .collect();
+    messages.extend((0..100).map(|d| (format!("/devices/{}/event", 2000 + d), reading("x", "-"))));
+    bench.publish(&messages).await;
+    let mut others = 100;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while host.counters("packed")["dead_lettered"] == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no dead letter:\n{}",
+            host.module_log("packed")
+        );
+        let more: Vec<(String, String)> = (0..10)
+            .map(|d| {
+                (
+                    format!("/devices/{}/event", 3000 + d),
+                    reading(&format!("o{others}"), "-"),
+                )
+            })
+            .collect();
+        bench.publish(&more).await;
+        others += 10;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected = 4 + others;
+    let counters = host.wait_for_counters("packed", |c| {
+        c["forwarded"] == expected as u64 && c["spool_records"] == 0
+    });
+    assert_eq!(
+        counters["forwarded"],
+        expected as u64,
+        "{counters}\n{}",
+        host.log()
+    );
+    assert_eq!(counters["dead_lettered"], 1, "only the poison: {counters}");
+    let letters = host.get("/api/modules/packed/dead-letters");
+    let letter = &letters.as_array().expect("a list")[0];
+    assert_eq!(letter["partition_key"], "1001", "{letter}");
+    let data = dead_letter_data(letter);
+    assert!(
+        data.starts_with(b"{") && String::from_utf8_lossy(&data).contains(r#""id":"a1""#),
+        "kept as its record: {letter}"
+    );
+    let read = ReferenceRead::of_stream(&bench.moto.endpoint(), &bench.stream);
+    read.assert_well_placed();
+    let ids_of_1001 = |read: &ReferenceRead| -> Vec<String> {
+        read.per_key()["1001"]
+            .iter()
+            .map(|data| {
+                let event: serde_json::Value = serde_json::from_slice(data).expect("an event");
+                event["eventData"]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(ids_of_1001(&read), ["a0", "a2", "a3", "a4"]);
+    assert_eq!(read.user_records.len(), expected);
+
+    // Kinesis takes it now: replayed, it lands after the others of its key.
+    proxy.set_poison(None);
+    let (status, body) = host.post("/api/modules/packed/dead-letters/replay");
+    assert_eq!(status, 202, "{body}");
+    host.wait_for_counters("packed", |c| c["forwarded"] == expected as u64 + 1);
+    let read = ReferenceRead::of_stream(&bench.moto.endpoint(), &bench.stream);
+    assert_eq!(ids_of_1001(&read), ["a0", "a2", "a3", "a4", "a1"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_record_in_a_failing_aggregate_is_the_only_dead_letter() {
+    a_poison_record_is_narrowed_out_of_its_aggregates("agg-poison-entry", PoisonAnswer::EntryError)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_record_in_failing_requests_of_aggregates_is_the_only_dead_letter() {
+    a_poison_record_is_narrowed_out_of_its_aggregates("agg-poison-500", PoisonAnswer::ServerError)
+        .await;
 }

@@ -65,6 +65,10 @@ pub enum Answer<'a> {
     /// A 200 answer: for each record of the request, in order, `None` if
     /// Kinesis accepted it, or why its entry failed.
     Entries(&'a [Option<Failure>]),
+    /// A 200 answer to a request of aggregates: as `Entries`, with, for
+    /// each record, whether its Kinesis record held other records too (a
+    /// failure of such an aggregate is not pinned on any one of them).
+    Aggregated(&'a [Option<Failure>], &'a [bool]),
     /// The request as a whole failed.
     Request(&'a Failure),
 }
@@ -243,18 +247,30 @@ impl Backlog {
     ) -> Vec<Verdict> {
         let health_before = self.health;
         match answer {
-            Answer::Entries(results) => {
+            Answer::Entries(results) | Answer::Aggregated(results, _) => {
+                let shared = match answer {
+                    Answer::Aggregated(_, shared) => shared,
+                    _ => &[],
+                };
                 let accepted = results.iter().filter(|r| r.is_none()).count();
                 self.health.note(accepted > 0);
-                let place = Place::Entry {
+                let alone = Place::Entry {
                     others_accepted: accepted > results.len() - accepted,
                 };
                 records
                     .iter()
                     .zip(results)
-                    .map(|(record, result)| match result {
+                    .enumerate()
+                    .map(|(i, (record, result))| match result {
                         None => Verdict::Accepted,
-                        Some(failure) => self.fail(record, failure, place, health_before, now),
+                        Some(failure) => {
+                            let place = if shared.get(i).copied().unwrap_or(false) {
+                                Place::Aggregate
+                            } else {
+                                alone
+                            };
+                            self.fail(record, failure, place, health_before, now)
+                        }
                     })
                     .collect()
             }
@@ -304,8 +320,11 @@ impl Backlog {
         }
     }
 
-    /// Lowers the caps of the keys of `records` to at most `cap`.
-    fn narrow(&mut self, records: &[SpoolRecord], cap: usize) {
+    /// Lowers the caps of the keys of `records` to at most `cap`: the sink
+    /// does so for the records of an aggregate that failed with a server
+    /// error, which may be one record's fault, so that the next aggregates
+    /// are halves of it and the culprit ends up alone.
+    pub fn narrow(&mut self, records: &[SpoolRecord], cap: usize) {
         for record in records {
             if let Some(queue) = self.keys.get_mut(&record.partition_key) {
                 queue.cap = queue.cap.min(cap.max(1));

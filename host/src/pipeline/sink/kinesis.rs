@@ -695,11 +695,13 @@ impl KinesisSink {
         let mut throttled = 0u64;
         let mut written = 0u64;
         let mut misplaced: Option<(usize, String)> = None;
+        let mut suspect_aggregates = Vec::new();
         let mut last_error = String::new();
-        let mut rest = records.as_slice();
+        let mut offset = 0;
         for (entry, result) in entries.iter().zip(results) {
-            let (own, after) = rest.split_at(entry.records);
-            rest = after;
+            let range = offset..offset + entry.records;
+            offset = range.end;
+            let own = &records[range.clone()];
             let shard = self.shards.as_mut().and_then(|shards| {
                 shards
                     .map
@@ -753,6 +755,9 @@ impl KinesisSink {
                     shards.pacer.throttled(index, now);
                 }
             }
+            if failure.kind == FailureKind::Server && own.len() > 1 {
+                suspect_aggregates.push(range);
+            }
             last_error.clone_from(&failure.detail);
             failures.extend(own.iter().map(|_| Some(failure.clone())));
         }
@@ -768,9 +773,24 @@ impl KinesisSink {
                 ),
             );
         }
-        let verdicts = self
-            .backlog
-            .settle(&records, Answer::Entries(&failures), now);
+        let shared: Vec<bool> = if entries.len() < records.len() {
+            entries
+                .iter()
+                .flat_map(|entry| std::iter::repeat_n(entry.records > 1, entry.records))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let answer = if shared.is_empty() {
+            Answer::Entries(&failures)
+        } else {
+            Answer::Aggregated(&failures, &shared)
+        };
+        let verdicts = self.backlog.settle(&records, answer, now);
+        for range in suspect_aggregates {
+            let suspects = &records[range];
+            self.backlog.narrow(suspects, suspects.len().div_ceil(2));
+        }
         self.note_overtaken(&records, &verdicts);
         let accepted: Vec<(u64, usize)> = records
             .iter()

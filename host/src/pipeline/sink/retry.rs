@@ -14,6 +14,9 @@
 //! - an error code on the record's entry of a 200 answer counts when that
 //!   answer accepted more records than it failed, or the stream was mostly
 //!   healthy since the record's previous failure;
+//! - a server error on an aggregate's entry never counts while the
+//!   aggregate held several records: the backlog halves its records'
+//!   aggregates until each travels alone, as for a request;
 //! - a request-level server error counts only against a record that
 //!   travelled alone, and only when the stream was mostly healthy since its
 //!   previous failure. A multi-record request that fails so is narrowed down
@@ -132,6 +135,10 @@ pub enum Place {
         /// Whether that answer accepted more records than it failed.
         others_accepted: bool,
     },
+    /// The entry of an aggregate that held other records too carried an
+    /// error code: as for a request of several records, the backlog
+    /// narrows it down instead.
+    Aggregate,
 }
 
 /// Whether a failure counts against the record: only a server error that
@@ -143,6 +150,7 @@ pub fn counts(kind: FailureKind, place: Place, healthy: bool) -> bool {
         && match place {
             Place::Request { records } => records == 1 && healthy,
             Place::Entry { others_accepted } => others_accepted || healthy,
+            Place::Aggregate => false,
         }
 }
 
@@ -226,11 +234,15 @@ mod tests {
             FailureKind::Stream,
             FailureKind::Refused,
         ] {
-            for place in [alone, crowd, entry(true), entry(false)] {
+            for place in [alone, crowd, entry(true), entry(false), Place::Aggregate] {
                 assert!(!counts(kind, place, true), "{kind:?} at {place:?}");
             }
         }
         let server = FailureKind::Server;
+        assert!(
+            !counts(server, Place::Aggregate, true),
+            "shared with others"
+        );
         assert!(counts(server, alone, true));
         assert!(!counts(server, alone, false), "nothing else went through");
         assert!(!counts(server, crowd, true), "not pinned on one record");
