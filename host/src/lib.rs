@@ -9,7 +9,7 @@
 //!   intake, acknowledgements, the in-flight budget), `route` (each message
 //!   to every module's guest; the one record type), `commit` (group commit,
 //!   fsync, then acknowledgements), `sink` (PutRecords: window, order,
-//!   retries, pacing; `sink::api` is the seam to Kinesis).
+//!   retries, pacing, KPL aggregation; `sink::api` is the seam to Kinesis).
 //! - `store`: the fjall store on disk: the spool (`store::spool`: groups of
 //!   records and the sink's bounded window on them), dead letters, activity
 //!   logs.
