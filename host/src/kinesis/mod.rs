@@ -76,7 +76,8 @@ pub fn check_record(
     }
     if size > max_bytes {
         return Err(format!(
-            "record is {size} bytes with its partition key; the stream takes at most {max_bytes}"
+            "record is {size} bytes with its partition key, over the module's limit of \
+             {max_bytes} (max_record_size, within what the stream takes)"
         ));
     }
     // Kinesis' pattern is `0|([1-9]\d{0,38})`, within 0..2^128.
