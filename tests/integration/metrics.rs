@@ -176,6 +176,7 @@ fn check_format(scrape: &Scrape) {
     for (family, kind) in [
         ("ksm_messages_received_total", "counter"),
         ("ksm_records_forwarded_total", "counter"),
+        ("ksm_kinesis_records_forwarded_total", "counter"),
         ("ksm_putrecords_requests_total", "counter"),
         ("ksm_guest_traps_total", "counter"),
         ("ksm_mqtt_connection_failures_total", "counter"),
@@ -355,6 +356,11 @@ async fn metrics_count_what_each_module_received_and_kinesis_accepted() {
             forwarded, in_stream as u64,
             "{module}: forwarded = what its stream holds\n{}",
             after.text
+        );
+        assert_eq!(
+            after.of("ksm_kinesis_records_forwarded_total", module),
+            forwarded,
+            "{module}: without aggregation, one Kinesis record per record"
         );
         let counters = host.counters(module);
         assert_eq!(
