@@ -516,9 +516,11 @@ impl KinesisSink {
             .shards
             .as_mut()
             .map(|shards| (&shards.map, &mut shards.pacer));
-        let batch = self
-            .backlog
-            .next_batch(now, Packer::new(self.pack, shards, now));
+        let mut packer = Packer::new(self.pack, shards, now);
+        if self.shards_stale {
+            packer = packer.by_key();
+        }
+        let batch = self.backlog.next_batch(now, packer);
         self.shards_stale |= batch.unmapped;
         batch
     }

@@ -3,7 +3,8 @@
 //!
 //! Without aggregation each record is an entry of its own. With
 //! `aggregation = "kpl"`, records bound for the same shard (by the shard
-//! map the sink keeps; by partition key while it has none) share KPL
+//! map the sink keeps; by partition key while it has none, or while it is
+//! stale) share KPL
 //! aggregates of at most `aggregation_max_bytes` and
 //! `aggregation_max_records`, in the order they join; a record too big to
 //! share one goes alone, as a plain record. All records of a key in one
@@ -98,6 +99,8 @@ pub struct Packer<'a> {
     full: bool,
     /// A record's hash key fell outside every known shard.
     unmapped: bool,
+    /// Aggregate per partition key even where the shard is known.
+    by_key: bool,
 }
 
 /// A packed request: its records, entry by entry.
@@ -133,6 +136,17 @@ impl<'a> Packer<'a> {
             current: None,
             full: false,
             unmapped: false,
+            by_key: false,
+        }
+    }
+
+    /// The same request, aggregating per partition key whatever the shard
+    /// map says: while the map is stale, records a key shares with no
+    /// other land exactly where they belong.
+    pub fn by_key(self) -> Packer<'a> {
+        Packer {
+            by_key: true,
+            ..self
         }
     }
 
@@ -163,8 +177,8 @@ impl<'a> Packer<'a> {
             return self.plain(record, shard);
         }
         let group = match shard {
-            Some(shard) => Group::Shard(shard),
-            None => Group::Key(record.partition_key.clone()),
+            Some(shard) if !self.by_key => Group::Shard(shard),
+            _ => Group::Key(record.partition_key.clone()),
         };
         if let Some(&index) = self.open.get(&group) {
             match self.join(index, record, limits) {
@@ -364,6 +378,22 @@ mod tests {
         }
         assert_eq!(batch.entries[0].bytes, aggregate.bytes() + 2);
         assert_eq!(batch.entries[2].bytes, 102, "one record goes plain");
+    }
+
+    #[test]
+    fn by_key_records_of_one_shard_aggregate_apart() {
+        let map = one_shard();
+        let mut pacer = ShardPacer::new(1, 1000, 1 << 20);
+        let now = Instant::now();
+        let mut packer =
+            Packer::new(aggregated(51_200, 100), Some((&map, &mut pacer)), now).by_key();
+        for (seq, key, first) in [(1, "a", true), (2, "a", false), (3, "b", true)] {
+            assert_eq!(packer.offer(&record(seq, key, 10), first), Offer::Taken);
+        }
+        let batch = packer.finish(None);
+        let sizes: Vec<usize> = batch.entries.iter().map(|e| e.records).collect();
+        assert_eq!(sizes, [2, 1], "a's two records, then b's");
+        assert_eq!(batch.entries[1].shard, Some(0), "still paced by its shard");
     }
 
     #[test]
