@@ -378,6 +378,35 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
         ),
         "{log}"
     );
+
+    // Aggregates larger than the stream takes are refused the same way.
+    let text = config(
+        &bench.broker.url(),
+        "ksm-too-large-3",
+        &[module(
+            "big-aggregates",
+            &stream,
+            "subscribe_events = [\"*\"]\naggregation = \"kpl\"\naggregation_max_bytes = 2000000",
+        )],
+    );
+    let mut host = Ksm::prepare(
+        &text,
+        aws_env(&kinesalite.endpoint(), &kinesalite.endpoint()),
+        None,
+    );
+    host.spawn_unchecked();
+    let status = host.wait_for_exit(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "{status:?}\n{}",
+        host.log()
+    );
+    assert!(
+        host.log()
+            .contains("module `big-aggregates` has aggregation_max_bytes = 2000000"),
+        "{}",
+        host.log()
+    );
 }
 
 /// Marks the poisoned record's data, which the proxy fails wherever it
