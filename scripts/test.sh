@@ -44,6 +44,7 @@ step "benches: build them and run each briefly, so they keep working (figures: B
 # SDK again, with LTO, for minutes); no figure from these runs means anything.
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench guest_stage \
     -- --warm-up-time 0.2 --measurement-time 0.5
+cargo bench -p ksm-tests --profile dev --bench aggregate -- --warm-up-time 0.2 --measurement-time 0.5
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench e2e \
     -- --seconds 2 --warmup 1 --drain-records 20000,100000
 
