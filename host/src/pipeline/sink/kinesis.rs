@@ -823,7 +823,9 @@ impl KinesisSink {
                         records.len()
                     ),
                 );
-            } else {
+            } else if !last_error.is_empty() {
+                // (Records sent again only because their aggregate landed
+                // on another shard were logged above.)
                 self.module.log.write_limited(
                     "record-failure",
                     Level::Warn,
