@@ -12,9 +12,11 @@
 //!   partition key (MD5, as Kinesis hashes it) or explicit hash key maps to;
 //! - any other operation gets a 400 `UnknownOperationException`.
 //!
-//! It counts requests, records and data bytes, and reads a send time out of each record that
-//! carries one (see [`sent_at`]): the time from publish to `PutRecords` arriving here is the
-//! latency a benchmark reports. `GET /stats` returns the counters and latency percentiles as
+//! It counts requests, Kinesis records, the records they carry (a KPL aggregate is read back
+//! into its records with `ksm_host::aggregate`), data bytes and PUT payload units (25 KB per
+//! Kinesis record, rounded up, as Kinesis bills them), and reads a send time out of each record
+//! that carries one (see [`sent_at`]), inside aggregates too: the time from publish to
+//! `PutRecords` arriving here is the latency a benchmark reports. `GET /stats` returns the counters and latency percentiles as
 //! JSON; `POST /reset` zeroes them.
 //!
 //! [`BlackholeKinesis::with_delay`] models the round trip to a real Kinesis: every `PutRecords`
@@ -49,6 +51,9 @@ pub const BULK_MARK: &[u8; 8] = b"KSMBENCH";
 /// Marks the publish time inside an event record's JSON: `"sentAt":<ns since the epoch>`.
 pub const EVENT_MARK: &[u8] = b"\"sentAt\":";
 
+/// A PUT payload unit, as Kinesis bills them: 25 KB of a record's data and key.
+pub const PAYLOAD_UNIT_BYTES: u64 = 25 * 1024;
+
 /// Most latency samples kept between two resets (about 40 MB).
 const MAX_SAMPLES: usize = 10_000_000;
 
@@ -57,10 +62,19 @@ const MAX_SAMPLES: usize = 10_000_000;
 pub struct BlackholeStats {
     /// `PutRecords` requests answered.
     pub requests: u64,
-    /// Records accepted.
+    /// Kinesis records accepted (an aggregate is one).
     pub records: u64,
-    /// Record data bytes accepted (partition keys not counted).
+    /// The records they carried (an aggregate's records each).
+    #[serde(default)]
+    pub user_records: u64,
+    /// Kinesis record data bytes accepted (partition keys not counted).
     pub data_bytes: u64,
+    /// Bytes as Kinesis counts them against a shard's 1 MiB/s: data plus partition keys.
+    #[serde(default)]
+    pub kinesis_bytes: u64,
+    /// PUT payload units: each Kinesis record's data and key in 25 KB units, rounded up.
+    #[serde(default)]
+    pub payload_units: u64,
     /// Records that carried a send time.
     pub latency_samples: u64,
     /// Median publish-to-`PutRecords` latency, microseconds.
@@ -75,7 +89,10 @@ pub struct BlackholeStats {
 struct Counters {
     requests: u64,
     records: u64,
+    user_records: u64,
     data_bytes: u64,
+    kinesis_bytes: u64,
+    payload_units: u64,
     sequence: u64,
     latencies_us: Vec<u32>,
 }
@@ -91,7 +108,10 @@ impl Counters {
         BlackholeStats {
             requests: self.requests,
             records: self.records,
+            user_records: self.user_records,
             data_bytes: self.data_bytes,
+            kinesis_bytes: self.kinesis_bytes,
+            payload_units: self.payload_units,
             latency_samples: sorted.len() as u64,
             p50_us: at(0.50),
             p99_us: at(0.99),
@@ -266,6 +286,9 @@ impl BlackholeKinesis {
         };
         let now = now_ns();
         let mut data_bytes = 0u64;
+        let mut kinesis_bytes = 0u64;
+        let mut payload_units = 0u64;
+        let mut user_records = 0u64;
         let mut latencies = Vec::with_capacity(request.records.len());
         let mut shards = Vec::with_capacity(request.records.len());
         for entry in &request.records {
@@ -277,9 +300,25 @@ impl BlackholeKinesis {
                 );
             };
             data_bytes += data.len() as u64;
-            if let Some(sent) = sent_at(&data) {
-                let micros = now.saturating_sub(sent) / 1000;
-                latencies.push(u32::try_from(micros).unwrap_or(u32::MAX));
+            let size = (data.len() + entry.partition_key.len()) as u64;
+            kinesis_bytes += size;
+            payload_units += size.div_ceil(PAYLOAD_UNIT_BYTES);
+            let mut note_latency = |data: &[u8]| {
+                if let Some(sent) = sent_at(data) {
+                    let micros = now.saturating_sub(sent) / 1000;
+                    latencies.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                }
+            };
+            match ksm_host::aggregate::deaggregate(&data) {
+                Ok(Some(records)) => {
+                    user_records += records.len() as u64;
+                    records.iter().for_each(|record| note_latency(&record.data));
+                }
+                // A plain record, or data that only starts like an aggregate.
+                Ok(None) | Err(_) => {
+                    user_records += 1;
+                    note_latency(&data);
+                }
             }
             shards.push(self.shard_of(entry));
         }
@@ -287,7 +326,10 @@ impl BlackholeKinesis {
             let mut counters = self.counters();
             counters.requests += 1;
             counters.records += request.records.len() as u64;
+            counters.user_records += user_records;
             counters.data_bytes += data_bytes;
+            counters.kinesis_bytes += kinesis_bytes;
+            counters.payload_units += payload_units;
             let room = MAX_SAMPLES.saturating_sub(counters.latencies_us.len());
             latencies.truncate(room);
             counters.latencies_us.extend(latencies);

@@ -140,7 +140,7 @@ impl Rig {
         let started = Instant::now();
         let ready_within =
             START_TIMEOUT + Duration::from_secs(records / SPOOLED_RECORDS_PER_START_SECOND);
-        let mut ksm = self.start_ksm_within(&url, ready_within)?;
+        let mut ksm = self.start_ksm_within(&url, ready_within, "")?;
         let mut marks = Vec::new();
         let mut stall = Stall::new();
         loop {
@@ -198,6 +198,8 @@ impl Rig {
             peak_rss_mb: procfs::peak_rss_bytes(ksm.pid).map(|b| b as f64 / 1e6),
             startup_ms: Some(ksm.startup_ms),
             ksm_threads: busiest_threads(ksm.pid, &BTreeMap::new(), elapsed),
+            blackhole: Some(stats),
+            window_secs: elapsed,
         };
         ksm.process.terminate(Duration::from_secs(10));
         let drain = Drain {

@@ -32,6 +32,11 @@
 //!   records/s), open loop, with the round trip; the spool grows in the window, and the run
 //!   waits for it to empty. ksm's CPU per record, from ready until its spool is empty, beside
 //!   the same figure of the `blackhole` case's closed loop of events;
+//! - `aggregation`: for events from 1000 devices, bulk from 10 devices and bulk from 1000
+//!   devices, each at a fixed offered rate (open loop) into a stream of 16 shards with the
+//!   round trip, ksm with `aggregation = "none"` and then `"kpl"`: Kinesis records per record,
+//!   PutRecords requests/s, PUT payload units per million records, the shards a stream would
+//!   need for the measured rate, ksm's CPU per record and peak memory, and on against off;
 //! - `drain`: for each `--drain-records` size, ksm restarted on a spool holding that many
 //!   records of 200 B, against the blackhole with the round trip: records/s by tenth of the
 //!   spool, the time to empty it, CPU per record, peak memory; and the largest size's rate
@@ -39,6 +44,7 @@
 //!
 //! The round trip (`--rtt-ms`) is 20 ms for the cases from `rtt-closed` on, and none for
 //! `blackhole` (ksm's own ceiling), unless `--rtt-ms` is given: then it is every blackhole's.
+//! (`aggregation` runs every shape whatever `--only` says.)
 //! A blackhole answers after its round trip without holding up requests on other connections,
 //! as Kinesis does; each case that needs another round trip or shard count starts a blackhole
 //! process of its own. `--only events|bulk` keeps the runs of one shape (`bulk-10x500` and
@@ -89,7 +95,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const USAGE: &str = "options: --seconds S --warmup S --publishers N --devices N --shards N \
     --window RECORDS --only events|bulk --cases CASE,... --rtt-ms MS --drain-records N,N \
     --no-kinesalite; cases: baseline, blackhole, kinesalite, rtt-closed, bulk-10x500, paced, \
-    drain (all by default); a brief run (CI's, a few minutes): --seconds 2 --warmup 1 \
+    aggregation, drain (all by default); a brief run (CI's, a few minutes): --seconds 2 --warmup 1 \
     --drain-records 20000,100000";
 
 /// A case of the bench (`--cases` selects them).
@@ -107,19 +113,22 @@ enum Case {
     Bulk10x500,
     /// Events at 2.5 times what a 4-shard stream takes, open loop, with a round trip.
     Paced,
+    /// Each shape with aggregation off and on, open loop, with a round trip.
+    Aggregation,
     /// ksm restarted on a spool holding a backlog, with a round trip.
     Drain,
 }
 
 impl Case {
     /// Every case, in the order they run.
-    const ALL: [Case; 7] = [
+    const ALL: [Case; 8] = [
         Case::Baseline,
         Case::Blackhole,
         Case::Kinesalite,
         Case::RttClosed,
         Case::Bulk10x500,
         Case::Paced,
+        Case::Aggregation,
         Case::Drain,
     ];
 
@@ -132,6 +141,7 @@ impl Case {
             Case::RttClosed => "rtt-closed",
             Case::Bulk10x500 => "bulk-10x500",
             Case::Paced => "paced",
+            Case::Aggregation => "aggregation",
             Case::Drain => "drain",
         }
     }
@@ -339,6 +349,10 @@ struct Run {
     startup_ms: Option<f64>,
     /// ksm's busiest threads (by name) and the cores each used.
     ksm_threads: Vec<(String, f64)>,
+    /// What the blackhole counted in the window, when ksm forwarded to one.
+    blackhole: Option<BlackholeStats>,
+    /// The window, seconds.
+    window_secs: f64,
 }
 
 /// A run of ksm, with what the cases compare beyond the table.
@@ -421,6 +435,9 @@ fn bench(options: &Options) -> anyhow::Result<()> {
     }
     if options.runs(Case::Paced) && options.runs_shape(Shape::Events) {
         rig.paced(&mut report)?;
+    }
+    if options.runs(Case::Aggregation) {
+        rig.aggregation(&mut report)?;
     }
     if options.runs(Case::Drain) && options.runs_shape(Shape::Bulk) {
         rig.drains(&mut report)?;
@@ -542,11 +559,17 @@ impl Rig {
 
     /// Starts ksm on the rig's store, forwarding to `endpoint`, and waits until it is ready.
     fn start_ksm(&self, endpoint: &str) -> anyhow::Result<Ksm> {
-        self.start_ksm_within(endpoint, START_TIMEOUT)
+        self.start_ksm_within(endpoint, START_TIMEOUT, "")
     }
 
-    /// Like [`Rig::start_ksm`], waiting up to `timeout` for ksm to be ready.
-    fn start_ksm_within(&self, endpoint: &str, timeout: Duration) -> anyhow::Result<Ksm> {
+    /// Like [`Rig::start_ksm`], waiting up to `timeout` for ksm to be ready, with `module`
+    /// (TOML lines) added to the bench module's settings.
+    fn start_ksm_within(
+        &self,
+        endpoint: &str,
+        timeout: Duration,
+        module: &str,
+    ) -> anyhow::Result<Ksm> {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config = format!(
             r#"[mqtt]
@@ -569,6 +592,7 @@ subscribe_events = ["{event}"]
 bulk_data_label = "{label}"
 region = "us-east-1"
 stream_name = "{STREAM}"
+{module}
 "#,
             broker = self.broker.url(),
             guest = self.guest.display(),
@@ -662,7 +686,20 @@ stream_name = "{STREAM}"
         pace: Pace,
         devices: u64,
     ) -> anyhow::Result<KsmRun> {
-        let mut ksm = self.start_ksm(&endpoint.url())?;
+        self.ksm_run_with(case, endpoint, shape, pace, devices, "")
+    }
+
+    /// Like [`Rig::ksm_run`], with `module` (TOML lines) added to the bench module.
+    fn ksm_run_with(
+        &self,
+        case: Case,
+        endpoint: &Endpoint<'_>,
+        shape: Shape,
+        pace: Pace,
+        devices: u64,
+        module: &str,
+    ) -> anyhow::Result<KsmRun> {
+        let mut ksm = self.start_ksm_within(&endpoint.url(), START_TIMEOUT, module)?;
         let load = self.load(shape, pace, devices);
         let mut measured = self.measure(&load, Some((&ksm, endpoint)), || ksm.progress())?;
         let spool_records_after_window = ksm.summary()?.counters.spool_records;
@@ -781,6 +818,8 @@ stream_name = "{STREAM}"
             loadgen_cores: (after.2 - before.2) / elapsed,
             endpoint_cores: share(before.3, after.3),
             ksm_threads,
+            blackhole: stats,
+            window_secs: elapsed,
             ..Run::default()
         })
     }
