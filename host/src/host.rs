@@ -101,6 +101,8 @@ impl Host {
         let limits = GuestLimits {
             call_timeout: Duration::from_millis(config.component.call_timeout_ms),
             max_memory_bytes: config.component.max_memory_mib as usize * 1024 * 1024,
+            recycle_above_bytes: config.component.recycle_above_bytes(),
+            recycle_after_calls: config.component.recycle_after_calls,
         };
         let store = Store::open(&config.storage.dir)?;
         let spool_max_bytes = config.storage.spool_max_mib * 1024 * 1024;

@@ -124,6 +124,9 @@ pub struct ModuleMetrics {
     guest_traps: [AtomicU64; 3],
     /// Components swapped in.
     pub reloads: AtomicU64,
+    /// Guest instances recycled (memory past the high-water mark, or
+    /// enough calls served).
+    pub guest_recycles: AtomicU64,
 }
 
 impl Default for ModuleMetrics {
@@ -136,6 +139,7 @@ impl Default for ModuleMetrics {
             guest_call: Histogram::new(GUEST_BUCKETS),
             guest_traps: Default::default(),
             reloads: AtomicU64::new(0),
+            guest_recycles: AtomicU64::new(0),
         }
     }
 }
@@ -387,6 +391,17 @@ impl Collector for Metrics {
                         ),
                     )
                 })
+            }),
+        )?;
+        family(
+            &mut encoder,
+            "ksm_guest_recycles",
+            "Guest instances replaced by fresh ones between calls: memory past the high-water \
+             mark, or enough calls served.",
+            None,
+            MetricType::Counter,
+            per_module(modules, &|i| {
+                Value::Counter(modules[i].metrics.guest_recycles.load(Ordering::Relaxed))
             }),
         )?;
         family(

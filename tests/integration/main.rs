@@ -25,6 +25,7 @@
 //! - `kinesalite`: a second Kinesis implementation.
 //! - `packet_limit`: the broker's packet limit: a message too large for ksm is refused at
 //!   publish, one at the limit reaches ksm whole.
+//! - `recycling`: guest instances recycled before a growing heap reaches the memory limit.
 //! - `restart`: the persistent session across restarts.
 //! - `untrusted_guest`: a guest that traps, loops or eats memory costs one message.
 //! - `validate`: the `validate`, `bulk encode` and `conformance` commands.
@@ -43,6 +44,7 @@ mod kinesalite;
 mod kinesis_faults;
 mod metrics;
 mod packet_limit;
+mod recycling;
 mod restart;
 mod support;
 mod tls_broker;

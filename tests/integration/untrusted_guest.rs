@@ -33,9 +33,12 @@ fn settings(subscribe_events: &[&str]) -> ModuleSettings {
 }
 
 fn fixture(call_timeout_ms: u64, max_memory_mib: usize) -> Runtime {
+    let max_memory_bytes = max_memory_mib * 1024 * 1024;
     let limits = GuestLimits {
         call_timeout: Duration::from_millis(call_timeout_ms),
-        max_memory_bytes: max_memory_mib * 1024 * 1024,
+        max_memory_bytes,
+        recycle_above_bytes: max_memory_bytes / 4 * 3,
+        recycle_after_calls: 0,
     };
     Runtime::load_with(&misbehaving_guest_wasm(), limits).expect("the fixture loads")
 }

@@ -105,6 +105,30 @@ pub fn wrong_world_guest_wasm() -> PathBuf {
         .clone()
 }
 
+/// The JavaScript guest (`examples/guest-js`), `target/guest-js/ksm_guest_js.wasm`, built
+/// once per test process by `scripts/build-js-guest.sh` (quick when it is up to date);
+/// `KSM_JS_GUEST_WASM` overrides it.
+pub fn js_guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            if let Some(path) = overridden("KSM_JS_GUEST_WASM") {
+                return path;
+            }
+            let root = workspace_root();
+            let status = Command::new("bash")
+                .arg(root.join("scripts/build-js-guest.sh"))
+                .status()
+                .expect("run scripts/build-js-guest.sh");
+            assert!(
+                status.success(),
+                "scripts/build-js-guest.sh failed ({status})"
+            );
+            target_dir().join("guest-js/ksm_guest_js.wasm")
+        })
+        .clone()
+}
+
 /// The file the environment variable `var` names, if it is set (it must exist).
 fn overridden(var: &str) -> Option<PathBuf> {
     let path = PathBuf::from(std::env::var_os(var)?);

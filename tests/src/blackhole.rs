@@ -12,12 +12,14 @@
 //!   partition key (MD5, as Kinesis hashes it) or explicit hash key maps to;
 //! - any other operation gets a 400 `UnknownOperationException`.
 //!
-//! It counts requests, Kinesis records, the records they carry (a KPL aggregate is read back
-//! into its records with `ksm_host::aggregate`), data bytes and PUT payload units (25 KB per
-//! Kinesis record, rounded up, as Kinesis bills them), and reads a send time out of each record
-//! that carries one (see [`sent_at`]), inside aggregates too: the time from publish to
-//! `PutRecords` arriving here is the latency a benchmark reports. `GET /stats` returns the counters and latency percentiles as
-//! JSON; `POST /reset` zeroes them.
+//! It counts requests, Kinesis records, the user records they carry (a KPL aggregate is read
+//! back into its records with `ksm_host::aggregate`; a plain record is one), data bytes and PUT
+//! payload units (25 KB of each Kinesis record's data and key, rounded up per record, as
+//! Kinesis bills them), and aggregates it could not read back (a ksm bug: a consumer could not
+//! read them either). It reads a send time out of each user record that carries one (see
+//! [`sent_at`]), inside aggregates too: the time from publish to `PutRecords` arriving here is
+//! the latency a benchmark reports. `GET /stats` returns the counters and latency percentiles
+//! as JSON; `POST /reset` zeroes them.
 //!
 //! [`BlackholeKinesis::with_delay`] models the round trip to a real Kinesis: every `PutRecords`
 //! answer waits that long (after the request is counted) on its own task, so requests on
@@ -75,6 +77,10 @@ pub struct BlackholeStats {
     /// PUT payload units: each Kinesis record's data and key in 25 KB units, rounded up.
     #[serde(default)]
     pub payload_units: u64,
+    /// Kinesis records that start as an aggregate does but do not read back as one (each
+    /// counted as one user record).
+    #[serde(default)]
+    pub malformed_aggregates: u64,
     /// Records that carried a send time.
     pub latency_samples: u64,
     /// Median publish-to-`PutRecords` latency, microseconds.
@@ -85,6 +91,7 @@ pub struct BlackholeStats {
     pub max_us: u64,
 }
 
+/// What [`BlackholeStats`] is made from, latency samples included.
 #[derive(Default)]
 struct Counters {
     requests: u64,
@@ -93,11 +100,13 @@ struct Counters {
     data_bytes: u64,
     kinesis_bytes: u64,
     payload_units: u64,
+    malformed_aggregates: u64,
     sequence: u64,
     latencies_us: Vec<u32>,
 }
 
 impl Counters {
+    /// The counters, with the latency percentiles of the samples.
     fn stats(&self) -> BlackholeStats {
         let mut sorted = self.latencies_us.clone();
         sorted.sort_unstable();
@@ -112,6 +121,7 @@ impl Counters {
             data_bytes: self.data_bytes,
             kinesis_bytes: self.kinesis_bytes,
             payload_units: self.payload_units,
+            malformed_aggregates: self.malformed_aggregates,
             latency_samples: sorted.len() as u64,
             p50_us: at(0.50),
             p99_us: at(0.99),
@@ -289,6 +299,7 @@ impl BlackholeKinesis {
         let mut kinesis_bytes = 0u64;
         let mut payload_units = 0u64;
         let mut user_records = 0u64;
+        let mut malformed_aggregates = 0u64;
         let mut latencies = Vec::with_capacity(request.records.len());
         let mut shards = Vec::with_capacity(request.records.len());
         for entry in &request.records {
@@ -314,10 +325,13 @@ impl BlackholeKinesis {
                     user_records += records.len() as u64;
                     records.iter().for_each(|record| note_latency(&record.data));
                 }
-                // A plain record, or data that only starts like an aggregate.
-                Ok(None) | Err(_) => {
+                Ok(None) => {
                     user_records += 1;
                     note_latency(&data);
+                }
+                Err(_) => {
+                    malformed_aggregates += 1;
+                    user_records += 1;
                 }
             }
             shards.push(self.shard_of(entry));
@@ -330,6 +344,7 @@ impl BlackholeKinesis {
             counters.data_bytes += data_bytes;
             counters.kinesis_bytes += kinesis_bytes;
             counters.payload_units += payload_units;
+            counters.malformed_aggregates += malformed_aggregates;
             let room = MAX_SAMPLES.saturating_sub(counters.latencies_us.len());
             latencies.truncate(room);
             counters.latencies_us.extend(latencies);
@@ -473,6 +488,42 @@ mod tests {
         assert_eq!(sent_at(event), Some(98_765));
         assert_eq!(sent_at(b"{\"eventType\":\"other\"}"), None);
         assert_eq!(sent_at(b"KSMBENCH\x01"), None);
+    }
+
+    #[test]
+    fn counts_an_aggregate_once_and_each_of_its_records_with_its_send_time() {
+        use ksm_host::aggregate::{Aggregate, MAGIC};
+
+        let blackhole = BlackholeKinesis::new(1);
+        let event = |sent: u64| Bytes::from(format!(r#"{{"eventData":{{"sentAt":{sent}}}}}"#));
+        let mut bulk = BULK_MARK.to_vec();
+        bulk.extend_from_slice(&3_000_u64.to_le_bytes());
+        let inner = [event(1_000), event(2_000), Bytes::from(bulk)];
+        let aggregate = Aggregate::encode(inner.iter().map(|data| ("1001", None, data)));
+        let big = vec![b'x'; 30 * 1024];
+        let mut malformed = MAGIC.to_vec();
+        malformed.extend_from_slice(&[0; 20]);
+        let encode = |data: &[u8]| base64::engine::general_purpose::STANDARD.encode(data);
+        let body = json!({ "Records": [
+            { "Data": encode(&aggregate), "PartitionKey": "1001" },
+            { "Data": encode(&event(4_000)), "PartitionKey": "1002" },
+            { "Data": encode(&big), "PartitionKey": "1003" },
+            { "Data": encode(&malformed), "PartitionKey": "1004" },
+        ]});
+        let answer = blackhole.put_records(body.to_string().as_bytes());
+        assert_eq!(answer.status(), StatusCode::OK);
+        let stats = blackhole.counters().stats();
+        assert_eq!(stats.requests, 1);
+        assert_eq!(stats.records, 4);
+        assert_eq!(stats.user_records, 3 + 1 + 1 + 1);
+        assert_eq!(stats.malformed_aggregates, 1);
+        // One unit each, but two for the 30 KB record.
+        assert_eq!(stats.payload_units, 5);
+        let data = aggregate.len() + event(4_000).len() + big.len() + malformed.len();
+        assert_eq!(stats.data_bytes, data as u64);
+        assert_eq!(stats.kinesis_bytes, data as u64 + 4 * 4);
+        // The aggregate's three records and the plain event carry send times.
+        assert_eq!(stats.latency_samples, 4);
     }
 
     #[test]

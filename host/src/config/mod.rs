@@ -69,6 +69,23 @@ pub struct ComponentConfig {
     pub max_records_per_call: u32,
     /// Most record bytes one event call may return, summed over its records.
     pub max_event_output_bytes: u32,
+    /// A guest instance whose memory has grown past this many MiB is
+    /// replaced by a fresh one after its call; by default three quarters
+    /// of `max_memory_mib`.
+    pub recycle_above_mib: Option<u32>,
+    /// A guest instance is replaced by a fresh one after this many calls;
+    /// 0: never.
+    pub recycle_after_calls: u64,
+}
+
+impl ComponentConfig {
+    /// The memory past which an instance is recycled, bytes.
+    pub fn recycle_above_bytes(&self) -> usize {
+        let mib = self
+            .recycle_above_mib
+            .unwrap_or(self.max_memory_mib / 4 * 3);
+        mib as usize * 1024 * 1024
+    }
 }
 
 impl Default for ComponentConfig {
@@ -80,6 +97,8 @@ impl Default for ComponentConfig {
             watch_interval_ms: 1000,
             max_records_per_call: 100_000,
             max_event_output_bytes: 4 * 1024 * 1024,
+            recycle_above_mib: None,
+            recycle_after_calls: 0,
         }
     }
 }
@@ -417,6 +436,18 @@ impl Config {
             report(
                 "component.max_event_output_bytes".into(),
                 format!("must be at least {KINESIS_MAX_RECORD_BYTES} (one record of 1 MiB)"),
+            );
+        }
+        if let Some(mib) = self.component.recycle_above_mib
+            && (mib == 0 || mib > self.component.max_memory_mib)
+        {
+            report(
+                "component.recycle_above_mib".into(),
+                format!(
+                    "must be between 1 and component.max_memory_mib ({}); leave it out for \
+                     three quarters of it",
+                    self.component.max_memory_mib
+                ),
             );
         }
         if self.kinesis.record_max_attempts < 2 {

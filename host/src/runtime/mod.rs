@@ -9,6 +9,14 @@
 //! traps, loops, sleeps or overruns them fails that one call, and its
 //! instance is replaced before the next call.
 //!
+//! An instance is also recycled (replaced by a fresh, configured one
+//! between two calls) once its memory passes a high-water mark or after a
+//! number of calls ([`GuestLimits`]), so that a guest whose heap only grows
+//! does not reach the memory limit in the middle of a message; and a call
+//! that does reach it on an instance that served earlier calls gets a
+//! second try on a fresh one, so only a message that is too much for a
+//! fresh instance fails.
+//!
 //! # Layout
 //! - [`sandbox`]: the linked interfaces, the bounded clock, limits and deadlines.
 
@@ -36,13 +44,21 @@ pub struct GuestLimits {
     pub call_timeout: Duration,
     /// Most linear memory one instance may grow to, bytes.
     pub max_memory_bytes: usize,
+    /// An instance whose memory has grown past this many bytes is replaced
+    /// after its call.
+    pub recycle_above_bytes: usize,
+    /// An instance is replaced after this many calls; 0: never.
+    pub recycle_after_calls: u64,
 }
 
 impl Default for GuestLimits {
     fn default() -> Self {
+        let max_memory_bytes = 64 * 1024 * 1024;
         Self {
             call_timeout: Duration::from_millis(50),
-            max_memory_bytes: 64 * 1024 * 1024,
+            max_memory_bytes,
+            recycle_above_bytes: max_memory_bytes / 4 * 3,
+            recycle_after_calls: 0,
         }
     }
 }
@@ -236,6 +252,8 @@ impl Runtime {
             settings: settings.clone(),
             store,
             bindings,
+            calls: 0,
+            recycled: 0,
         })
     }
 
@@ -313,6 +331,10 @@ pub struct Guest {
     settings: ModuleSettings,
     store: Store<GuestState>,
     bindings: SmartModule,
+    /// Calls the current instance has served.
+    calls: u64,
+    /// Instances recycled so far.
+    recycled: u64,
 }
 
 /// What a guest call returns: the guest's own answer, or a runtime failure.
@@ -359,33 +381,57 @@ impl Guest {
         })
     }
 
+    /// Instances recycled so far (memory past its high-water mark, or
+    /// enough calls served).
+    pub fn recycled(&self) -> u64 {
+        self.recycled
+    }
+
     /// Runs one call: first under the wall-clock deadline; if that cut it
     /// off, once more on a fresh instance that counts only the guest's own
-    /// CPU time (a busy machine is not a looping guest). After a failure
-    /// the instance is replaced, since a trapped instance may not be
-    /// entered again.
+    /// CPU time (a busy machine is not a looping guest); if it ran out of
+    /// memory on an instance that had served earlier calls, once more on a
+    /// fresh instance. After a failure the instance is replaced, since a
+    /// trapped instance may not be entered again; after a success, it is
+    /// recycled when due.
     fn call<T>(
         &mut self,
         f: impl Fn(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<T, RuntimeError> {
+        let used = self.calls > 0;
         let error = match self.attempt(Sandbox::begin_wall, &f) {
-            Ok(value) => return Ok(value),
+            Ok(value) => return self.served(value),
             Err(error) => error,
         };
         self.replace_instance()?;
-        if !error
-            .fault()
-            .is_some_and(GuestFault::deserves_second_chance)
-        {
-            return Err(error);
-        }
-        match self.attempt(Sandbox::begin_own_work, &f) {
-            Ok(value) => Ok(value),
+        let begin = match error.fault() {
+            Some(fault) if fault.deserves_second_chance() => Sandbox::begin_own_work,
+            Some(GuestFault::Memory { .. }) if used => Sandbox::begin_wall,
+            _ => return Err(error),
+        };
+        match self.attempt(begin, &f) {
+            Ok(value) => self.served(value),
             Err(error) => {
                 self.replace_instance()?;
                 Err(error)
             }
         }
+    }
+
+    /// Counts a call the instance served, and recycles the instance when
+    /// its memory passed the high-water mark or it served its share.
+    fn served<T>(&mut self, value: T) -> Result<T, RuntimeError> {
+        self.calls += 1;
+        let limits = &self.runtime.engine.limits;
+        let grown = self.store.data().sandbox.memory_bytes() > limits.recycle_above_bytes;
+        let worn = limits.recycle_after_calls > 0 && self.calls >= limits.recycle_after_calls;
+        if grown || worn {
+            // If no fresh instance can be made now, this one goes on serving.
+            if self.replace_instance().is_ok() {
+                self.recycled += 1;
+            }
+        }
+        Ok(value)
     }
 
     fn attempt<T>(
@@ -405,6 +451,7 @@ impl Guest {
         let (store, bindings) = self.runtime.configured(&self.settings)?;
         self.store = store;
         self.bindings = bindings;
+        self.calls = 0;
         Ok(())
     }
 }

@@ -111,6 +111,8 @@ enum Timing {
 pub struct Sandbox {
     call_timeout: Duration,
     max_memory_bytes: usize,
+    /// The most linear memory the instance has grown to.
+    memory_bytes: usize,
     timing: Timing,
     /// Past this instant the guest may not ask to be woken.
     wake_deadline: Instant,
@@ -122,9 +124,15 @@ impl Sandbox {
         Self {
             call_timeout,
             max_memory_bytes,
+            memory_bytes: 0,
             timing: Timing::Wall,
             wake_deadline: Instant::now() + call_timeout,
         }
+    }
+
+    /// The most linear memory the instance has grown to, bytes.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
     }
 
     /// Epoch ticks in `duration` (at least one).
@@ -207,6 +215,7 @@ impl ResourceLimiter for Sandbox {
             }
             .into());
         }
+        self.memory_bytes = self.memory_bytes.max(desired);
         Ok(true)
     }
 

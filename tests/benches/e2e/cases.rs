@@ -12,11 +12,11 @@ const FEW_DEVICES: u64 = 10;
 const PAYLOADS_PER_DEVICE_PER_SEC: f64 = 5.0;
 /// `bulk-10x500` kept up when ksm forwarded at least this share of the offered rate in the
 /// window and its spool held at most a second of the offered load when the window ended.
-const KEPT_UP_SHARE: f64 = 0.95;
+pub(crate) const KEPT_UP_SHARE: f64 = 0.95;
 /// `paced`: the stream's shards, the records/s ksm lets each take at most (as Kinesis
 /// allows), and the load offered, as a multiple of what the shards take.
 const PACED_SHARDS: u32 = 4;
-const SHARD_RECORDS_PER_SEC: f64 = 1000.0;
+pub(crate) const SHARD_RECORDS_PER_SEC: f64 = 1000.0;
 const PACED_OVERLOAD: f64 = 2.5;
 /// `paced` forwarding more than this multiple of what the shards take gets a note.
 const PACED_ABOVE_LIMIT: f64 = 1.02;
@@ -145,128 +145,6 @@ impl Rig {
         ));
         report.runs.push(run.run);
         report.runs.push(twin.run);
-        Ok(())
-    }
-}
-
-/// `aggregation`: the shards of its stream, and each shape it runs, from how many devices, at
-/// how many records a second offered.
-const AGGREGATION_SHARDS: u32 = 16;
-const AGGREGATION_SHAPES: [(Shape, u64, f64); 3] = [
-    (Shape::Events, 1000, 8000.0),
-    (Shape::Bulk, 10, 5000.0),
-    (Shape::Bulk, 1000, 8000.0),
-];
-/// What a shard takes: Kinesis records a second, bytes a second.
-const SHARD_BYTES_PER_SEC: f64 = 1024.0 * 1024.0;
-
-/// What a stream was asked to carry in a run's window, per second and per record.
-struct Carried {
-    /// Records forwarded a second (as ksm counts them).
-    records_per_sec: f64,
-    /// Kinesis records per record.
-    kinesis_per_record: f64,
-    /// PutRecords requests a second.
-    requests_per_sec: f64,
-    /// PUT payload units per million records.
-    units_per_million: f64,
-    /// Shards a stream needs for the measured rate.
-    shards: f64,
-}
-
-impl Carried {
-    fn of(run: &crate::Run) -> Option<Carried> {
-        let stats = run.blackhole.as_ref()?;
-        let secs = run.window_secs;
-        let records = stats.user_records.max(1) as f64;
-        let kinesis_per_sec = stats.records as f64 / secs;
-        let bytes_per_sec = stats.kinesis_bytes as f64 / secs;
-        Some(Carried {
-            records_per_sec: run.records_per_sec,
-            kinesis_per_record: stats.records as f64 / records,
-            requests_per_sec: stats.requests as f64 / secs,
-            units_per_million: stats.payload_units as f64 / records * 1e6,
-            shards: (kinesis_per_sec / SHARD_RECORDS_PER_SEC)
-                .max(bytes_per_sec / SHARD_BYTES_PER_SEC)
-                .ceil(),
-        })
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "{:.0} records/s, {:.4} Kinesis records per record, {:.1} PutRecords/s, {:.0} \
-             payload units per million records, {:.0} shards needed",
-            self.records_per_sec,
-            self.kinesis_per_record,
-            self.requests_per_sec,
-            self.units_per_million,
-            self.shards
-        )
-    }
-}
-
-impl Rig {
-    /// `aggregation`: each shape with aggregation off, then on, at the same offered rate
-    /// (open loop) into a 16-shard stream with the round trip; what the stream carries and
-    /// what ksm spends, on against off.
-    pub(crate) fn aggregation(&self, report: &mut Report) -> anyhow::Result<()> {
-        let blackhole = self.start_blackhole(Case::Aggregation, free_port(), AGGREGATION_SHARDS)?;
-        let endpoint = Endpoint::Blackhole(&blackhole);
-        for (shape, devices, offered) in AGGREGATION_SHAPES {
-            let pace = Pace::Open {
-                per_sec: offered / shape.records_per_message() as f64,
-            };
-            let mut runs = Vec::new();
-            for (setting, module) in [("off", ""), ("on", "aggregation = \"kpl\"")] {
-                let mut run =
-                    self.ksm_run_with(Case::Aggregation, &endpoint, shape, pace, devices, module)?;
-                run.run.what = format!(
-                    "{}: {} from {devices} devices, aggregation {setting}: ksm → {}, open loop at \
-                     {offered:.0} records/s",
-                    Case::Aggregation.name(),
-                    shape.name(),
-                    blackhole.label
-                );
-                runs.push(run.run);
-            }
-            let [off, on] = [&runs[0], &runs[1]].map(Carried::of);
-            let (Some(off), Some(on)) = (off, on) else {
-                anyhow::bail!("the blackhole kept no counts");
-            };
-            let cpu = |run: &crate::Run| {
-                run.ksm_us_per_record
-                    .map_or_else(|| "–".to_owned(), |us| format!("{us:.2} µs"))
-            };
-            let rss = |run: &crate::Run| {
-                run.peak_rss_mb
-                    .map_or_else(|| "–".to_owned(), |mb| format!("{mb:.0} MB"))
-            };
-            let ratio = |on: f64, off: f64| if off > 0.0 { on / off } else { 0.0 };
-            report.findings.push(format!(
-                "{}: {} from {devices} devices at {offered:.0} records/s into {AGGREGATION_SHARDS} \
-                 shards. Off: {}; ksm {} CPU per record, peak {}. On: {}; ksm {} CPU per record, \
-                 peak {}. On against off: Kinesis records × {:.4}, requests × {:.3}, payload \
-                 units × {:.4}, shards {:.0} → {:.0}, CPU per record × {:.2}",
-                Case::Aggregation.name(),
-                shape.name(),
-                off.describe(),
-                cpu(&runs[0]),
-                rss(&runs[0]),
-                on.describe(),
-                cpu(&runs[1]),
-                rss(&runs[1]),
-                ratio(on.kinesis_per_record, off.kinesis_per_record),
-                ratio(on.requests_per_sec, off.requests_per_sec),
-                ratio(on.units_per_million, off.units_per_million),
-                off.shards,
-                on.shards,
-                ratio(
-                    runs[1].ksm_us_per_record.unwrap_or(0.0),
-                    runs[0].ksm_us_per_record.unwrap_or(0.0)
-                ),
-            ));
-            report.runs.extend(runs);
-        }
         Ok(())
     }
 }

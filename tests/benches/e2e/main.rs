@@ -33,10 +33,12 @@
 //!   waits for it to empty. ksm's CPU per record, from ready until its spool is empty, beside
 //!   the same figure of the `blackhole` case's closed loop of events;
 //! - `aggregation`: for events from 1000 devices, bulk from 10 devices and bulk from 1000
-//!   devices, each at a fixed offered rate (open loop) into a stream of 16 shards with the
-//!   round trip, ksm with `aggregation = "none"` and then `"kpl"`: Kinesis records per record,
-//!   PutRecords requests/s, PUT payload units per million records, the shards a stream would
-//!   need for the measured rate, ksm's CPU per record and peak memory, and on against off;
+//!   devices, each at a fixed offered rate that both settings sustain (open loop: equal load)
+//!   into a stream of 16 shards with the round trip, ksm with `aggregation = "none"` (the
+//!   baseline) and then `"kpl"`: user records/s, Kinesis records per user record, PutRecords
+//!   requests/s, PUT payload units per million user records, the shards a stream would need
+//!   for the measured rate, ksm's CPU per user record and peak memory, on against off, and a
+//!   table of what aggregation saves;
 //! - `drain`: for each `--drain-records` size, ksm restarted on a spool holding that many
 //!   records of 200 B, against the blackhole with the round trip: records/s by tenth of the
 //!   spool, the time to empty it, CPU per record, peak memory; and the largest size's rate
@@ -53,6 +55,7 @@
 //! Every run checks that every published record was forwarded, none dead-lettered.
 //! `BENCHMARKS.md` explains the method and keeps the figures.
 
+mod aggregation;
 mod cases;
 mod drain;
 mod load;
@@ -363,6 +366,10 @@ struct KsmRun {
     us_per_record_to_empty: Option<f64>,
     /// Records in ksm's spool when the window ended.
     spool_records_after_window: u64,
+    /// Records ksm forwarded over the whole run (its `forwarded`: user records).
+    forwarded: u64,
+    /// Kinesis records ksm counted as accepted over the whole run (an aggregate once).
+    kinesis_records: u64,
 }
 
 /// ksm's CPU per record, µs.
@@ -380,6 +387,8 @@ struct Report {
     runs: Vec<Run>,
     /// What the cases found beyond the table, a line each.
     findings: Vec<String>,
+    /// Tables of their own some cases print after the findings, each with its heading.
+    tables: Vec<String>,
 }
 
 fn bench(options: &Options) -> anyhow::Result<()> {
@@ -552,6 +561,18 @@ impl Rig {
         Ok(ksm.startup_ms)
     }
 
+    /// Empties ksm's store (its database; the compiled component stays), so that the next ksm
+    /// starts without replaying an earlier run's journal. Only while no ksm runs.
+    fn clear_store(&self) -> anyhow::Result<()> {
+        let database = self.dir.path().join("store/store");
+        match std::fs::remove_dir_all(&database) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot empty {}", database.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The settings of ksm's config that are not the host's defaults or the rig's plumbing.
     fn ksm_settings(&self) -> String {
         format!("storage.spool_max_mib = {}", self.options.spool_max_mib())
@@ -707,6 +728,7 @@ stream_name = "{STREAM}"
         let backlog = published.saturating_sub(ksm.forwarded()?);
         ksm.wait_until_forwarded(published, drain_timeout(backlog, measured.records_per_sec))?;
         ksm.check_forwarded_exactly(published)?;
+        let kinesis_records = ksm.summary()?.counters.kinesis_records;
         let us_per_record_to_empty = ksm
             .cpu_since_ready()
             .map(|seconds| seconds / published as f64 * 1e6);
@@ -741,6 +763,8 @@ stream_name = "{STREAM}"
             },
             us_per_record_to_empty,
             spool_records_after_window,
+            forwarded: published,
+            kinesis_records,
         })
     }
 
@@ -1046,6 +1070,10 @@ fn print_report(rig: &Rig, build: &str, cold_start_ms: f64, report: &Report) {
         for finding in &report.findings {
             println!("- {finding}");
         }
+    }
+    for table in &report.tables {
+        println!();
+        println!("{table}");
     }
     println!();
     println!("ksm's threads, cores each (tokio-rt-worker: all of Tokio's workers together):");

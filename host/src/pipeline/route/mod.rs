@@ -238,7 +238,9 @@ impl Router {
                         device_ip: None,
                         received_at: received_at.clone(),
                     };
-                    let answer = timed(module, || route.guest.device_event(&context, payload));
+                    let answer = timed(module, &mut route.guest, |guest| {
+                        guest.device_event(&context, payload)
+                    });
                     answer::events(answer, payload.len(), budget)
                 }
                 (Ok(Topic::HomeEvent { home_id }), _) => {
@@ -248,12 +250,15 @@ impl Router {
                         project_key_name: None,
                         received_at: received_at.clone(),
                     };
-                    let answer = timed(module, || route.guest.home_event(&context, payload));
+                    let answer = timed(module, &mut route.guest, |guest| {
+                        guest.home_event(&context, payload)
+                    });
                     answer::events(answer, payload.len(), budget)
                 }
                 (Ok(Topic::BulkData { device_id, label }), _) => {
-                    let answer =
-                        timed(module, || route.guest.bulk_data(*device_id, label, payload));
+                    let answer = timed(module, &mut route.guest, |guest| {
+                        guest.bulk_data(*device_id, label, payload)
+                    });
                     answer::bulk(answer, payload, &message.topic, budget)
                 }
             };
@@ -276,12 +281,19 @@ impl Router {
     }
 }
 
-/// Runs a guest call, timing it and counting how it ended badly, if it did.
-fn timed<T>(module: &Module, call: impl FnOnce() -> CallResult<T>) -> CallResult<T> {
+/// Runs a guest call, timing it and counting how it ended badly, if it
+/// did, and whether the guest's instance was recycled after it.
+fn timed<T>(
+    module: &Module,
+    guest: &mut Guest,
+    call: impl FnOnce(&mut Guest) -> CallResult<T>,
+) -> CallResult<T> {
     let started = std::time::Instant::now();
-    let answer = call();
+    let recycled = guest.recycled();
+    let answer = call(guest);
     let metrics = &module.metrics;
     metrics.guest_call.observe(started.elapsed());
+    Counters::add(&metrics.guest_recycles, guest.recycled() - recycled);
     if let Err(error) = &answer {
         metrics.guest_trapped(match error.fault() {
             Some(GuestFault::Memory { .. } | GuestFault::Table { .. }) => TrapKind::Memory,
