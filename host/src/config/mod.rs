@@ -948,6 +948,25 @@ stream_name = "bad name!"
     }
 
     #[test]
+    fn guests_are_recycled_at_three_quarters_of_their_memory_unless_told() {
+        let config: Config = toml::from_str(EXAMPLE).expect("example parses");
+        assert_eq!(config.component.recycle_above_bytes(), 48 * 1024 * 1024);
+        assert_eq!(config.component.recycle_after_calls, 0);
+        for (value, valid) in [("0", false), ("1", true), ("64", true), ("65", false)] {
+            let text = EXAMPLE.replace(
+                "[component]",
+                &format!("[component]\nrecycle_above_mib = {value}"),
+            );
+            let found = fields(&text);
+            assert_eq!(
+                found.is_empty(),
+                valid,
+                "recycle_above_mib = {value}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
     fn aggregation_is_off_unless_asked_for() {
         let config: Config = toml::from_str(EXAMPLE).expect("example parses");
         assert_eq!(config.modules[0].aggregation, Aggregation::None);
