@@ -7,7 +7,8 @@
 // - the MODE Event JSON, keys in the reference order, eventData re-serialised
 //   exactly as serde_json (preserve_order) does: keys in document order, a
 //   duplicate key keeps its first position and its last value, numbers as
-//   u64 / i64 / f64 with serde_json's parsing and zmij's formatting (serde_json 1.0.154);
+//   u64 / i64 / f64 with serde_json's parsing (float_roundtrip: every float
+//   to its nearest double) and zmij's formatting (serde_json 1.0.154);
 // - event payload errors with serde_json's byte offsets (a JSON parser that
 //   follows serde_json's control flow, not JSON.parse, which reorders
 //   integer-like keys and rounds big integers);
@@ -107,20 +108,16 @@ class JsonFault {
   }
 }
 
-// 1e0 ..= 1e308, correctly rounded (as serde_json's POW10 table).
-const POW10 = [];
-for (let i = 0; i <= 308; i++) POW10.push(Number(`1e${i}`));
-
 const U64_MAX = 0xffffffffffffffffn;
 const TWO_POW_63 = 0x8000000000000000n;
-const I32_MAX = 2147483647;
-const I32_MIN = -2147483648;
 
 // Parser state (one parse at a time).
 const EMPTY = new Uint8Array(0);
 let buf = EMPTY;
 let len = 0;
 let pos = 0;
+// Where the number being scanned starts (its `-`, or its first digit).
+let numberStart = 0;
 let depth = 128;
 // Scratch for strings with escapes.
 let scratch = new Uint8Array(256);
@@ -224,6 +221,7 @@ function parseValue() {
       parseIdent('alse');
       return false;
     case 0x2d: // -
+      numberStart = pos;
       pos++;
       return parseInteger(false);
     case 0x22: // "
@@ -248,7 +246,10 @@ function parseValue() {
       return map;
     }
     default:
-      if (c >= 0x30 && c <= 0x39) return parseInteger(true);
+      if (c >= 0x30 && c <= 0x39) {
+        numberStart = pos;
+        return parseInteger(true);
+      }
       throw peekError('expected value');
   }
 }
@@ -525,8 +526,8 @@ function parseInteger(positive) {
 
 function parseNumber(positive, sig) {
   const c = peekOrNull();
-  if (c === 0x2e) return floatNumber(parseDecimal(positive, sig, 0));
-  if (c === 0x65 || c === 0x45) return floatNumber(parseExponent(positive, sig, 0));
+  if (c === 0x2e) return floatNumber(parseDecimal(positive, sig));
+  if (c === 0x65 || c === 0x45) return floatNumber(parseExponent(positive, sig));
   if (positive) return new JsonNumber(String(sig), true);
   // i64 when it fits and is not -0; else f64.
   if (isZero(sig) || (typeof sig !== 'number' && sig > TWO_POW_63)) {
@@ -535,29 +536,28 @@ function parseNumber(positive, sig) {
   return new JsonNumber(`-${sig}`, false);
 }
 
-function parseDecimal(positive, sig, exponentBefore) {
+function parseDecimal(positive, sig) {
   pos++; // .
-  let exponentAfter = 0;
+  let digits = 0;
   for (;;) {
     const c = peekOrNull();
     if (!isDigit(c)) break;
     const next = mulAdd(sig, c - 0x30);
-    if (next === null) return parseDecimalOverflow(positive, sig, exponentBefore + exponentAfter);
+    if (next === null) return parseDecimalOverflow(positive, sig);
     pos++;
     sig = next;
-    exponentAfter -= 1;
+    digits += 1;
   }
-  if (exponentAfter === 0) {
+  if (digits === 0) {
     if (pos < len) throw peekError('invalid number');
     throw eofError('EOF while parsing a value');
   }
-  const exponent = exponentBefore + exponentAfter;
   const c = peekOrNull();
-  if (c === 0x65 || c === 0x45) return parseExponent(positive, sig, exponent);
-  return f64FromParts(positive, sig, exponent);
+  if (c === 0x65 || c === 0x45) return parseExponent(positive, sig);
+  return f64FromParts();
 }
 
-function parseExponent(positive, sig, startingExp) {
+function parseExponent(positive, sig) {
   pos++; // e or E
   let positiveExp = true;
   const sign = peekOrNull();
@@ -581,54 +581,44 @@ function parseExponent(positive, sig, startingExp) {
     }
     exp = exp * 10 + digit;
   }
-  let finalExp = positiveExp ? startingExp + exp : startingExp - exp;
-  finalExp = Math.min(I32_MAX, Math.max(I32_MIN, finalExp)); // saturating
-  return f64FromParts(positive, sig, finalExp);
+  return f64FromParts();
 }
 
-function f64FromParts(positive, sig, exponent) {
-  let f = toF64(sig);
-  for (;;) {
-    const abs = Math.abs(exponent);
-    if (abs <= 308) {
-      if (exponent >= 0) {
-        f *= POW10[abs];
-        if (f === Infinity) throw syntaxError('number out of range');
-      } else {
-        f /= POW10[abs];
-      }
-      break;
-    }
-    if (f === 0) break;
-    if (exponent >= 0) throw syntaxError('number out of range');
-    f /= 1e308;
-    exponent += 308;
+/**
+ * The number scanned from `numberStart` to `pos` as the nearest double, as
+ * serde_json's float_roundtrip parses it (ECMAScript's Number() of a
+ * decimal string is correctly rounded); too large for a double is an error.
+ */
+function f64FromParts() {
+  let text = '';
+  for (let at = numberStart; at < pos; at += 4096) {
+    text += String.fromCharCode(...buf.subarray(at, Math.min(pos, at + 4096)));
   }
-  return positive ? f : -f;
+  const f = Number(text);
+  if (!Number.isFinite(f)) throw syntaxError('number out of range');
+  return f;
 }
 
 function parseLongInteger(positive, sig) {
-  let exponent = 0;
   for (;;) {
     const c = peekOrNull();
     if (isDigit(c)) {
       pos++;
-      exponent += 1;
     } else if (c === 0x2e) {
-      return parseDecimal(positive, sig, exponent);
+      return parseDecimal(positive, sig);
     } else if (c === 0x65 || c === 0x45) {
-      return parseExponent(positive, sig, exponent);
+      return parseExponent(positive, sig);
     } else {
-      return f64FromParts(positive, sig, exponent);
+      return f64FromParts();
     }
   }
 }
 
-function parseDecimalOverflow(positive, sig, exponent) {
+function parseDecimalOverflow(positive, sig) {
   while (isDigit(peekOrNull())) pos++;
   const c = peekOrNull();
-  if (c === 0x65 || c === 0x45) return parseExponent(positive, sig, exponent);
-  return f64FromParts(positive, sig, exponent);
+  if (c === 0x65 || c === 0x45) return parseExponent(positive, sig);
+  return f64FromParts();
 }
 
 function parseExponentOverflow(positive, zeroSignificand, positiveExp) {
