@@ -16,9 +16,10 @@
 //! - `kinesis`: what Kinesis allows (record and request limits, key
 //!   checks), the hash that picks a record's shard, and the KPL's aggregated
 //!   record format (`kinesis::aggregate`, public as `aggregate`); a leaf.
-//! - `runtime` and `bindings`: the wasmtime runtime running the guest
-//!   component (`runtime::sandbox`: what a guest may do); `components`:
-//!   which component each module runs, hot swap.
+//! - `runtime`, and `bindings` (the `ksm-bindings` crate, in
+//!   `host/bindings`): the wasmtime runtime running the guest component
+//!   (`runtime::sandbox`: what a guest may do); `components`: which
+//!   component each module runs, hot swap.
 //! - `module` and `activity`: a module's settings, status, counters and log;
 //!   `metrics`: what `GET /metrics` shows.
 //! - `preflight`: what `ksm validate` checks of the files a configuration
@@ -38,7 +39,6 @@
 mod activity;
 pub mod admin;
 pub mod admin_client;
-pub mod bindings;
 pub mod bulk;
 mod clock;
 mod components;
@@ -57,4 +57,5 @@ pub mod tls;
 pub use config::Config;
 pub use host::{Host, run};
 pub use kinesis::aggregate;
+pub use ksm_bindings as bindings;
 pub use store::dead_letter;

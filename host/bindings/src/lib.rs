@@ -1,11 +1,14 @@
-//! Host bindings of the `ksm:smart-module` WIT world: the one `bindgen!`
-//! invocation, plus readable descriptions of the guest's error variants.
+//! Host bindings of the `ksm:smart-module` WIT world (version 1.0.0): the
+//! one `bindgen!` invocation, plus readable descriptions of the guest's
+//! error variants. A crate of its own, so that what binds the contract can
+//! be used without the rest of the host; the host re-exports it as
+//! `ksm_host::bindings`.
 
 /// The generated bindings; their docs come from the WIT files.
 #[allow(missing_docs)]
 mod generated {
     wasmtime::component::bindgen!({
-        path: "../wit",
+        path: "../../wit",
         world: "smart-module",
     });
 }
