@@ -322,19 +322,10 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
         &[module_spec],
         &options,
     );
-    let mut host = Ksm::prepare(
+    let log = refused_at_start(
         &text,
         aws_env(&bench.moto.endpoint(), &bench.moto.endpoint()),
-        None,
     );
-    host.spawn_unchecked();
-    let status = host.wait_for_exit(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "{status:?}\n{}",
-        host.log()
-    );
-    let log = host.log();
     assert!(
         log.contains("module `large` has max_record_size = 10485760")
             && log.contains(&format!(
@@ -359,19 +350,10 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
         &[module_spec],
         &options,
     );
-    let mut host = Ksm::prepare(
+    let log = refused_at_start(
         &text,
         aws_env(&kinesalite.endpoint(), &kinesalite.endpoint()),
-        None,
     );
-    host.spawn_unchecked();
-    let status = host.wait_for_exit(Duration::from_secs(60));
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "{status:?}\n{}",
-        host.log()
-    );
-    let log = host.log();
     assert!(
         log.contains(
             "takes records of at most 1048576 bytes (it does not say, so it has the default)"
@@ -389,11 +371,20 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
             "subscribe_events = [\"*\"]\naggregation = \"kpl\"\naggregation_max_bytes = 2000000",
         )],
     );
-    let mut host = Ksm::prepare(
+    let log = refused_at_start(
         &text,
         aws_env(&kinesalite.endpoint(), &kinesalite.endpoint()),
-        None,
     );
+    assert!(
+        log.contains("module `big-aggregates` has aggregation_max_bytes = 2000000"),
+        "{log}"
+    );
+}
+
+/// Starts ksm with `text` and `env`, expects it to refuse to start (exit
+/// non-zero within a minute), and returns its log.
+fn refused_at_start(text: &str, env: Vec<(String, String)>) -> String {
+    let mut host = Ksm::prepare(text, env, None);
     host.spawn_unchecked();
     let status = host.wait_for_exit(Duration::from_secs(60));
     assert!(
@@ -401,12 +392,7 @@ async fn a_module_larger_than_its_stream_takes_is_refused_at_start_with_the_reas
         "{status:?}\n{}",
         host.log()
     );
-    assert!(
-        host.log()
-            .contains("module `big-aggregates` has aggregation_max_bytes = 2000000"),
-        "{}",
-        host.log()
-    );
+    host.log()
 }
 
 /// Marks the poisoned record's data, which the proxy fails wherever it

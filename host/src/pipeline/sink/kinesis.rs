@@ -595,15 +595,15 @@ impl KinesisSink {
             let (own, after) = rest.split_at(entry.records);
             rest = after;
             request.push(self.request_entry(entry, own));
-            let predicted = entry
+            // Only an aggregate needs its predicted shard's ID back.
+            let aggregate_of = entry
                 .shard
+                .filter(|_| entry.aggregated)
                 .zip(self.shards.as_ref())
-                .map(|(index, shards)| shards.map.id(index).to_owned());
+                .map(|(index, shards)| (shards.map.id(index).to_owned(), own[0].hash_key));
             sent.push(Sent {
                 records: entry.records,
-                aggregate_of: predicted
-                    .filter(|_| entry.aggregated)
-                    .map(|id| (id, own[0].hash_key)),
+                aggregate_of,
             });
         }
         let request = self.api.put(&self.module.config.stream_name, request);
