@@ -58,7 +58,7 @@ fi
 # The build's inputs: the guest, the WIT, the pinned tools and this script's options.
 inputs_sum="$(
     {
-        sha256sum "$GUEST_DIR/guest.js" "$ROOT"/wit/*.wit
+        sha256sum "$GUEST_DIR/guest.js" "$ROOT"/wit/1.0/*.wit
         printf '%s\n' "$lock_sum" "${DISABLED_FEATURES[*]}"
     } | sed "s|$ROOT/||" | sha256sum | cut -d' ' -f1
 )"
@@ -71,7 +71,7 @@ mkdir -p "$OUT_DIR"
 tmp_out="$OUT_DIR/.ksm_guest_js.wasm.partial"
 rm -f "$out_stamp" "$tmp_out" "$OUT"
 quietly "$GUEST_DIR/node_modules/.bin/componentize-js" "$GUEST_DIR/guest.js" \
-    --wit "$ROOT/wit" --world-name smart-module \
+    --wit "$ROOT/wit/1.0" --world-name smart-module \
     --disable "${DISABLED_FEATURES[@]}" \
     -o "$tmp_out"
 mv -f "$tmp_out" "$OUT"

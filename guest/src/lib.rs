@@ -158,28 +158,38 @@ impl Forwarder {
         label: &str,
         payload: &[u8],
     ) -> Result<BulkOutput, Error> {
+        self.handle_bulk_spans(device_id, label, payload)
+            .map(BulkSpans::into_output)
+    }
+
+    /// [`Forwarder::handle_bulk_data`] with the records' keys apart from
+    /// their spans: one shared device key, or a UUID per record.
+    pub fn handle_bulk_spans(
+        &self,
+        device_id: u64,
+        label: &str,
+        payload: &[u8],
+    ) -> Result<BulkSpans, Error> {
         let settings = self.settings()?;
+        let mut out = BulkSpans {
+            spans: Vec::new(),
+            keys: BulkKeys::PerRecord(Vec::new()),
+            rejected: Vec::new(),
+        };
         if !settings.forwards_label(label) {
-            return Ok(BulkOutput::default());
+            return Ok(out);
         }
-        let mut out = BulkOutput::default();
-        // Every record of a payload has the same device key: format it once.
-        let device_key = (!settings.use_uuid).then(|| partition_key(false, device_id));
+        // Every record of a payload has the same device key: made once.
+        let shared = (!settings.use_uuid).then(|| partition_key(false, device_id));
+        let mut per_record = Vec::new();
         for (index, span) in (0u32..).zip(bulk::unpack(payload)?) {
-            let partition_key = match &device_key {
-                Some(key) => key.clone(),
-                None => partition_key(true, device_id),
-            };
-            match check_size(
-                index,
-                span.len as usize,
-                &partition_key,
-                settings.max_record_size,
-            ) {
-                Ok(()) => out.records.push(BulkRecord {
-                    data: span,
-                    partition_key,
-                }),
+            let uuid = shared.is_none().then(|| partition_key(true, device_id));
+            let key = shared.as_deref().or(uuid.as_deref()).unwrap_or_default();
+            match check_size(index, span.len as usize, key, settings.max_record_size) {
+                Ok(()) => {
+                    out.spans.push(span);
+                    per_record.extend(uuid);
+                }
                 Err(reason) => out.rejected.push(Rejected {
                     index,
                     data: span,
@@ -187,7 +197,54 @@ impl Forwarder {
                 }),
             }
         }
+        out.keys = match shared {
+            Some(key) => BulkKeys::Shared(key),
+            None => BulkKeys::PerRecord(per_record),
+        };
         Ok(out)
+    }
+}
+
+/// The keys of a bulk payload's records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BulkKeys {
+    /// Every record has this key (the device ID).
+    Shared(String),
+    /// One key per record, in record order (UUIDs).
+    PerRecord(Vec<String>),
+}
+
+/// What a bulk payload turned into, with the keys apart from the spans (the
+/// 1.1 WIT `bulk-records`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkSpans {
+    /// Where each record lies in the payload, in payload order.
+    pub spans: Vec<Span>,
+    /// The records' keys.
+    pub keys: BulkKeys,
+    /// Records refused one by one.
+    pub rejected: Vec<Rejected>,
+}
+
+impl BulkSpans {
+    /// One key per record, as the 1.0 `bulk-output` carries them.
+    pub fn into_output(self) -> BulkOutput {
+        let keys: Box<dyn Iterator<Item = String>> = match self.keys {
+            BulkKeys::Shared(key) => Box::new(std::iter::repeat(key)),
+            BulkKeys::PerRecord(keys) => Box::new(keys.into_iter()),
+        };
+        BulkOutput {
+            records: self
+                .spans
+                .into_iter()
+                .zip(keys)
+                .map(|(data, partition_key)| BulkRecord {
+                    data,
+                    partition_key,
+                })
+                .collect(),
+            rejected: self.rejected,
+        }
     }
 }
 

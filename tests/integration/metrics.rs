@@ -400,10 +400,10 @@ async fn metrics_count_what_each_module_received_and_kinesis_accepted() {
             forwarded,
             "{module}: one delivery latency per accepted record"
         );
-        assert_eq!(
-            after.of("ksm_guest_call_duration_seconds_count", module),
-            received,
-            "{module}: one guest call per message"
+        let calls = after.of("ksm_guest_call_duration_seconds_count", module);
+        assert!(
+            (1..=received).contains(&calls),
+            "{module}: {calls} guest calls for {received} messages (a batch is one call)"
         );
         assert_eq!(after.of("ksm_spool_records", module), 0, "{module}");
         assert_eq!(after.of("ksm_spool_bytes", module), 0, "{module}");

@@ -1,22 +1,49 @@
-//! Host bindings of the `ksm:smart-module` WIT world (version 1.0.0): the
-//! one `bindgen!` invocation, plus readable descriptions of the guest's
-//! error variants. A crate of its own, so that what binds the contract can
-//! be used without the rest of the host; the host re-exports it as
-//! `ksm_host::bindings`.
+//! Host bindings of the `ksm:smart-module` WIT contract, version by version
+//! ([`v1_0`], [`v1_1`]), plus readable descriptions of the guest's errors. A
+//! crate of its own, so that what binds the contract can be used without the
+//! rest of the host; the host re-exports it as `ksm_host::bindings`.
+//!
+//! Both versions share one set of Rust types for the 1.0 items (`types`):
+//! 1.1 changed none of them, so a 1.1 guest's records and contexts are the
+//! very values a 1.0 guest's are, and the host handles both with one code path.
 
-/// The generated bindings; their docs come from the WIT files.
-#[allow(missing_docs)]
-mod generated {
-    wasmtime::component::bindgen!({
-        path: "../../wit",
-        world: "smart-module",
-    });
+/// Contract 1.0.0 (`wit/1.0`): the `smart-module` world, one message per call.
+pub mod v1_0 {
+    /// The generated bindings; their docs come from the WIT files.
+    #[allow(missing_docs)]
+    mod generated {
+        wasmtime::component::bindgen!({
+            path: "../../wit/1.0",
+            world: "smart-module",
+        });
+    }
+
+    pub use generated::exports::ksm::smart_module::forwarder;
+    pub use generated::ksm::smart_module::types;
+    pub use generated::{SmartModule, SmartModulePre};
 }
 
-pub use generated::exports::ksm::smart_module::forwarder;
-pub use generated::ksm::smart_module::types;
-pub use generated::{SmartModule, SmartModulePre};
+/// Contract 1.1.0 (`wit/1.1`): the `smart-module-batch` world, which adds
+/// batches to everything of 1.0.
+pub mod v1_1 {
+    /// The generated bindings; their docs come from the WIT files.
+    #[allow(missing_docs)]
+    mod generated {
+        wasmtime::component::bindgen!({
+            path: "../../wit/1.1",
+            world: "smart-module-batch",
+            with: {
+                "ksm:smart-module/types": crate::v1_0::types,
+            },
+        });
+    }
+
+    pub use generated::exports::ksm::smart_module::{batch, forwarder};
+    pub use generated::{SmartModuleBatch, SmartModuleBatchPre};
+}
+
 pub use types::Error as GuestError;
+pub use v1_0::types;
 
 /// Most bytes of guest-chosen text (error details, field names) ksm keeps:
 /// longer text is cut there, with a note of its full length.

@@ -546,6 +546,8 @@ fn replay_message(
             record,
         }),
         charge,
+        // Dead letters keep no MQTT properties.
+        properties: Default::default(),
     }
 }
 

@@ -17,9 +17,16 @@
 //! second try on a fresh one, so only a message that is too much for a
 //! fresh instance fails.
 //!
+//! A component of contract 1.1 (it exports `batch`) is handed several
+//! messages in one call ([`Guest::handle`]); a 1.0 component is called once
+//! per message. If a batch call fails, its messages run again one by one on a
+//! fresh instance, so a message at fault costs only itself.
+//!
 //! # Layout
 //! - [`sandbox`]: the linked interfaces, the bounded clock, limits and deadlines.
+//! - [`batch`]: messages as a guest takes them, and one answer per message.
 
+pub mod batch;
 pub mod sandbox;
 
 use std::path::{Path, PathBuf};
@@ -33,7 +40,8 @@ use wasmtime::{Engine, Store};
 use crate::bindings::types::{
     BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings,
 };
-use crate::bindings::{GuestError, SmartModule, SmartModulePre, describe};
+use crate::bindings::{GuestError, describe, v1_0, v1_1};
+pub use batch::{Answer, Input, Mqtt};
 use sandbox::{EPOCH_TICK, Sandbox};
 pub use sandbox::{GRANTED_IMPORTS, GuestFault, GuestState};
 
@@ -215,10 +223,17 @@ impl GuestEngine {
             path: path.to_owned(),
             source,
         };
+        let batches = component_type
+            .exports(engine)
+            .any(|(name, _)| name.starts_with(BATCH_EXPORT));
         let mut linker = Linker::<GuestState>::new(engine);
         sandbox::link(&mut linker).map_err(link_error)?;
         let instance_pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = SmartModulePre::new(instance_pre).map_err(link_error)?;
+        let pre = if batches {
+            Pre::V1_1(v1_1::SmartModuleBatchPre::new(instance_pre).map_err(link_error)?)
+        } else {
+            Pre::V1_0(v1_0::SmartModulePre::new(instance_pre).map_err(link_error)?)
+        };
         Ok(Runtime {
             engine: self.clone(),
             pre,
@@ -226,14 +241,73 @@ impl GuestEngine {
     }
 }
 
+/// The export that makes a component a 1.1 guest (any 1.x version from 1.1).
+const BATCH_EXPORT: &str = "ksm:smart-module/batch@1.";
+
+/// Which version of the contract a component speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// 1.0: one message per call.
+    V1_0,
+    /// 1.1: batches too.
+    V1_1,
+}
+
+impl std::fmt::Display for Contract {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Contract::V1_0 => "ksm:smart-module@1.0 (one message per call)",
+            Contract::V1_1 => "ksm:smart-module@1.1 (batches)",
+        })
+    }
+}
+
+/// A linked component, by the contract version it speaks.
+#[derive(Clone)]
+enum Pre {
+    V1_0(v1_0::SmartModulePre<GuestState>),
+    V1_1(v1_1::SmartModuleBatchPre<GuestState>),
+}
+
+/// An instance's exports, by contract version.
+enum Bindings {
+    V1_0(v1_0::SmartModule),
+    V1_1(v1_1::SmartModuleBatch),
+}
+
+/// Calls a `forwarder` function on either version's bindings (both use the
+/// same Rust types).
+macro_rules! forwarder {
+    ($bindings:expr, $forwarder:ident => $call:expr) => {
+        match $bindings {
+            Bindings::V1_0(bindings) => {
+                let $forwarder = bindings.ksm_smart_module_forwarder();
+                $call
+            }
+            Bindings::V1_1(bindings) => {
+                let $forwarder = bindings.ksm_smart_module_forwarder();
+                $call
+            }
+        }
+    };
+}
+
 /// A loaded, compiled and linked component, ready to instantiate.
 #[derive(Clone)]
 pub struct Runtime {
     engine: GuestEngine,
-    pre: SmartModulePre<GuestState>,
+    pre: Pre,
 }
 
 impl Runtime {
+    /// The contract version the component speaks.
+    pub fn contract(&self) -> Contract {
+        match self.pre {
+            Pre::V1_0(_) => Contract::V1_0,
+            Pre::V1_1(_) => Contract::V1_1,
+        }
+    }
+
     /// Loads a component with the default limits.
     pub fn load(path: &Path) -> Result<Runtime, RuntimeError> {
         Self::load_with(path, GuestLimits::default())
@@ -262,7 +336,7 @@ impl Runtime {
     fn configured(
         &self,
         settings: &ModuleSettings,
-    ) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+    ) -> Result<(Store<GuestState>, Bindings), RuntimeError> {
         match self.try_configured(settings, Sandbox::begin_wall) {
             Err(error)
                 if error
@@ -279,19 +353,26 @@ impl Runtime {
         &self,
         settings: &ModuleSettings,
         begin: fn(&mut Sandbox) -> u64,
-    ) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+    ) -> Result<(Store<GuestState>, Bindings), RuntimeError> {
         let (mut store, bindings) = self.new_instance()?;
         let ticks = begin(&mut store.data_mut().sandbox);
         store.set_epoch_deadline(ticks);
-        bindings
-            .ksm_smart_module_forwarder()
-            .call_configure(&mut store, settings)
+        let configured = match &bindings {
+            Bindings::V1_0(bindings) => bindings
+                .ksm_smart_module_forwarder()
+                .call_configure(&mut store, settings),
+            Bindings::V1_1(bindings) => bindings
+                .ksm_smart_module_batch()
+                .call_configure(&mut store, settings)
+                .map(|answer| answer.map_err(batch::configure_error)),
+        };
+        configured
             .map_err(RuntimeError::from_call)?
             .map_err(RuntimeError::Settings)?;
         Ok((store, bindings))
     }
 
-    fn new_instance(&self) -> Result<(Store<GuestState>, SmartModule), RuntimeError> {
+    fn new_instance(&self) -> Result<(Store<GuestState>, Bindings), RuntimeError> {
         let limits = &self.engine.limits;
         let state = GuestState::new(limits.call_timeout, limits.max_memory_bytes);
         let mut store = Store::new(&self.engine.engine, state);
@@ -299,11 +380,13 @@ impl Runtime {
         // Instantiation runs guest code (start functions): under the deadline too.
         let ticks = store.data_mut().sandbox.begin_wall();
         store.set_epoch_deadline(ticks);
-        let bindings = self.pre.instantiate(&mut store).map_err(|error| {
-            match RuntimeError::from_call(error) {
-                RuntimeError::Trap(error) => RuntimeError::Instantiate(error),
-                fault => fault,
-            }
+        let bindings = match &self.pre {
+            Pre::V1_0(pre) => pre.instantiate(&mut store).map(Bindings::V1_0),
+            Pre::V1_1(pre) => pre.instantiate(&mut store).map(Bindings::V1_1),
+        }
+        .map_err(|error| match RuntimeError::from_call(error) {
+            RuntimeError::Trap(error) => RuntimeError::Instantiate(error),
+            fault => fault,
         })?;
         Ok((store, bindings))
     }
@@ -330,8 +413,8 @@ pub struct Guest {
     runtime: Runtime,
     settings: ModuleSettings,
     store: Store<GuestState>,
-    bindings: SmartModule,
-    /// Calls the current instance has served.
+    bindings: Bindings,
+    /// Messages the current instance has served.
     calls: u64,
     /// Instances recycled so far.
     recycled: u64,
@@ -340,17 +423,39 @@ pub struct Guest {
 /// What a guest call returns: the guest's own answer, or a runtime failure.
 pub type CallResult<T> = Result<Result<T, GuestError>, RuntimeError>;
 
+/// What a guest made of a batch of messages: one answer per message, in order.
+#[derive(Debug)]
+pub struct Handled {
+    /// The answers, one per message.
+    pub answers: Vec<CallResult<Answer>>,
+    /// Why a batch call's answer could not be used, if one could not (the
+    /// messages then ran one by one): for the module's log.
+    pub batch_failed: Option<String>,
+    /// Guest calls made.
+    pub calls: usize,
+}
+
+/// Most messages in one batch call.
+pub const MAX_BATCH_MESSAGES: usize = 256;
+
+/// A batch call's payloads together take at most this share of the guest's
+/// memory limit (1/8): a batch of big messages is split into several calls.
+const BATCH_MEMORY_SHARE: usize = 8;
+
 impl Guest {
+    /// The contract version the guest speaks.
+    pub fn contract(&self) -> Contract {
+        self.runtime.contract()
+    }
+
     /// Turns a device event into records (see the WIT `handle-device-event`).
     pub fn device_event(
         &mut self,
         context: &DeviceContext,
         payload: &[u8],
     ) -> CallResult<Vec<KinesisRecord>> {
-        self.call(|bindings, store| {
-            bindings
-                .ksm_smart_module_forwarder()
-                .call_handle_device_event(store, context, payload)
+        self.call(1, |bindings, store| {
+            forwarder!(bindings, f => f.call_handle_device_event(store, context, payload))
         })
     }
 
@@ -360,10 +465,8 @@ impl Guest {
         context: &HomeContext,
         payload: &[u8],
     ) -> CallResult<Vec<KinesisRecord>> {
-        self.call(|bindings, store| {
-            bindings
-                .ksm_smart_module_forwarder()
-                .call_handle_home_event(store, context, payload)
+        self.call(1, |bindings, store| {
+            forwarder!(bindings, f => f.call_handle_home_event(store, context, payload))
         })
     }
 
@@ -374,11 +477,119 @@ impl Guest {
         label: &str,
         payload: &[u8],
     ) -> CallResult<BulkOutput> {
-        self.call(|bindings, store| {
-            bindings
-                .ksm_smart_module_forwarder()
-                .call_handle_bulk_data(store, device_id, label, payload)
+        self.call(1, |bindings, store| {
+            forwarder!(bindings, f => f.call_handle_bulk_data(store, device_id, label, payload))
         })
+    }
+
+    /// Handles one message with the per-message functions.
+    pub fn one(&mut self, input: &Input<'_>) -> CallResult<Answer> {
+        match *input {
+            Input::DeviceEvent {
+                context, payload, ..
+            } => Ok(self.device_event(context, payload)?.map(Answer::Records)),
+            Input::HomeEvent {
+                context, payload, ..
+            } => Ok(self.home_event(context, payload)?.map(Answer::Records)),
+            Input::BulkData {
+                device_id,
+                label,
+                payload,
+                ..
+            } => Ok(self.bulk_data(device_id, label, payload)?.map(Answer::Bulk)),
+        }
+    }
+
+    /// Handles messages: a 1.1 guest in batch calls of up to
+    /// [`MAX_BATCH_MESSAGES`] (fewer when their payloads are big), a 1.0
+    /// guest one call per message. A batch call that fails (a trap, the
+    /// deadline, the memory limit, not one outcome per message) is made
+    /// again one message at a time, on a fresh instance, so each message
+    /// gets the answer it would get alone.
+    pub fn handle(&mut self, inputs: &[Input<'_>]) -> Handled {
+        let mut handled = Handled {
+            answers: Vec::with_capacity(inputs.len()),
+            batch_failed: None,
+            calls: 0,
+        };
+        if matches!(self.bindings, Bindings::V1_0(_)) {
+            for input in inputs {
+                handled.answers.push(self.one(input));
+                handled.calls += 1;
+            }
+            return handled;
+        }
+        let max_bytes = self.runtime.engine.limits.max_memory_bytes / BATCH_MEMORY_SHARE;
+        let mut rest = inputs;
+        while !rest.is_empty() {
+            let mut take = 0;
+            let mut bytes = 0;
+            while take < rest.len().min(MAX_BATCH_MESSAGES) {
+                bytes += rest[take].payload_len();
+                if take > 0 && bytes > max_bytes {
+                    break;
+                }
+                take += 1;
+            }
+            let (chunk, later) = rest.split_at(take);
+            rest = later;
+            if let [input] = chunk {
+                handled.answers.push(self.one(input));
+                handled.calls += 1;
+                continue;
+            }
+            handled.calls += 1;
+            match self.batch(chunk) {
+                Ok(answers) => handled.answers.extend(answers),
+                Err(reason) => {
+                    handled.batch_failed = Some(reason);
+                    // A failed instance may not be entered again. If no fresh
+                    // one can be made now, each call below tries again.
+                    let _ = self.replace_instance();
+                    for input in chunk {
+                        handled.answers.push(self.one(input));
+                        handled.calls += 1;
+                    }
+                }
+            }
+        }
+        handled
+    }
+
+    /// One batch call; `Err` says why its answer cannot be used.
+    fn batch(&mut self, chunk: &[Input<'_>]) -> Result<Vec<CallResult<Answer>>, String> {
+        let messages: Vec<v1_1::batch::Message> = chunk.iter().map(|i| i.to_message()).collect();
+        let calls = u32::try_from(chunk.len()).unwrap_or(u32::MAX);
+        let Bindings::V1_1(bindings) = &self.bindings else {
+            return Err("the guest does not take batches".to_owned());
+        };
+        let ticks = self.store.data_mut().sandbox.begin_wall_for(calls);
+        self.store.set_epoch_deadline(ticks);
+        let outcomes = bindings
+            .ksm_smart_module_batch()
+            .call_handle_batch(&mut self.store, &messages)
+            .map_err(|error| {
+                format!(
+                    "a batch call of {} messages failed ({}); they ran again one by one",
+                    chunk.len(),
+                    RuntimeError::from_call(error)
+                )
+            })?;
+        if outcomes.len() != chunk.len() {
+            return Err(format!(
+                "the guest answered a batch of {} messages with {} outcomes (one per message is \
+                 the contract); they ran again one by one",
+                chunk.len(),
+                outcomes.len()
+            ));
+        }
+        let answers = chunk
+            .iter()
+            .zip(outcomes)
+            .map(|(input, outcome)| Ok(batch::answer(input, outcome)))
+            .collect();
+        self.served(chunk.len() as u64);
+        Ok(answers)
     }
 
     /// Instances recycled so far (memory past its high-water mark, or
@@ -396,11 +607,15 @@ impl Guest {
     /// recycled when due.
     fn call<T>(
         &mut self,
-        f: impl Fn(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
+        messages: u64,
+        f: impl Fn(&Bindings, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<T, RuntimeError> {
         let used = self.calls > 0;
         let error = match self.attempt(Sandbox::begin_wall, &f) {
-            Ok(value) => return self.served(value),
+            Ok(value) => {
+                self.served(messages);
+                return Ok(value);
+            }
             Err(error) => error,
         };
         self.replace_instance()?;
@@ -410,7 +625,10 @@ impl Guest {
             _ => return Err(error),
         };
         match self.attempt(begin, &f) {
-            Ok(value) => self.served(value),
+            Ok(value) => {
+                self.served(messages);
+                Ok(value)
+            }
             Err(error) => {
                 self.replace_instance()?;
                 Err(error)
@@ -418,10 +636,11 @@ impl Guest {
         }
     }
 
-    /// Counts a call the instance served, and recycles the instance when
-    /// its memory passed the high-water mark or it served its share.
-    fn served<T>(&mut self, value: T) -> Result<T, RuntimeError> {
-        self.calls += 1;
+    /// Counts the messages the instance served in a call, and recycles the
+    /// instance when its memory passed the high-water mark or it served its
+    /// share.
+    fn served(&mut self, messages: u64) {
+        self.calls += messages;
         let limits = &self.runtime.engine.limits;
         let grown = self.store.data().sandbox.memory_bytes() > limits.recycle_above_bytes;
         let worn = limits.recycle_after_calls > 0 && self.calls >= limits.recycle_after_calls;
@@ -431,13 +650,12 @@ impl Guest {
                 self.recycled += 1;
             }
         }
-        Ok(value)
     }
 
     fn attempt<T>(
         &mut self,
         begin: fn(&mut Sandbox) -> u64,
-        f: &impl Fn(&SmartModule, &mut Store<GuestState>) -> wasmtime::Result<T>,
+        f: &impl Fn(&Bindings, &mut Store<GuestState>) -> wasmtime::Result<T>,
     ) -> Result<T, RuntimeError> {
         let ticks = begin(&mut self.store.data_mut().sandbox);
         self.store.set_epoch_deadline(ticks);

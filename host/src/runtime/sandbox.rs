@@ -144,9 +144,16 @@ impl Sandbox {
     /// Starts a first try: timed on the wall clock. Returns the epoch ticks
     /// to set as the store's deadline.
     pub(super) fn begin_wall(&mut self) -> u64 {
+        self.begin_wall_for(1)
+    }
+
+    /// Starts a call that stands for `messages` calls (a batch): timed on
+    /// the wall clock, with the deadline of that many calls.
+    pub(super) fn begin_wall_for(&mut self, messages: u32) -> u64 {
+        let deadline = self.call_timeout.saturating_mul(messages.max(1));
         self.timing = Timing::Wall;
-        self.wake_deadline = Instant::now() + self.call_timeout;
-        Self::ticks(self.call_timeout)
+        self.wake_deadline = Instant::now() + deadline;
+        Self::ticks(deadline)
     }
 
     /// Starts a second chance: timed by the guest's own CPU time.

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use crate::bindings::describe;
 use crate::bindings::types::{BulkOutput, KinesisRecord, Span};
 use crate::config::ComponentConfig;
-use crate::runtime::CallResult;
+use crate::runtime::{Answer, CallResult};
 use crate::store::dead_letter::DeadLetter;
 
 /// What one guest call may return.
@@ -61,17 +61,23 @@ fn failed(error: &crate::runtime::RuntimeError, payload_len: usize) -> Outcome {
     ))
 }
 
-/// The answer to a device or home event.
-pub fn events(
-    result: CallResult<Vec<KinesisRecord>>,
-    payload_len: usize,
+/// What a guest's answer to one message turns into.
+pub fn outcome(
+    result: CallResult<Answer>,
+    payload: &Bytes,
+    topic: &str,
     budget: Budget,
 ) -> Outcome {
-    let records = match result {
-        Ok(Ok(records)) => records,
-        Ok(Err(error)) => return Outcome::Refused(describe(&error)),
-        Err(error) => return failed(&error, payload_len),
-    };
+    match result {
+        Ok(Ok(Answer::Records(records))) => events(records, budget),
+        Ok(Ok(Answer::Bulk(output))) => bulk(output, payload, topic, budget),
+        Ok(Err(error)) => Outcome::Refused(describe(&error)),
+        Err(error) => failed(&error, payload.len()),
+    }
+}
+
+/// The answer to a device or home event.
+fn events(records: Vec<KinesisRecord>, budget: Budget) -> Outcome {
     if records.len() > budget.max_records {
         return Outcome::Refused(format!(
             "the module's component returned {} records for one event, over \
@@ -100,17 +106,7 @@ pub fn events(
 }
 
 /// The answer to a bulk data payload: records as views of `payload`.
-pub fn bulk(
-    result: CallResult<BulkOutput>,
-    payload: &Bytes,
-    topic: &str,
-    budget: Budget,
-) -> Outcome {
-    let output = match result {
-        Ok(Ok(output)) => output,
-        Ok(Err(error)) => return Outcome::Refused(describe(&error)),
-        Err(error) => return failed(&error, payload.len()),
-    };
+fn bulk(output: BulkOutput, payload: &Bytes, topic: &str, budget: Budget) -> Outcome {
     if let Err(reason) = check_spans(&output, payload.len(), budget) {
         return Outcome::Refused(format!("the module's component {reason}"));
     }
@@ -239,7 +235,7 @@ mod tests {
     fn spans_apart_inside_the_payload_become_views_of_it() {
         let payload = Bytes::from_static(b"..abc..defg");
         let outcome = bulk(
-            Ok(Ok(records(&[span(2, 3), span(7, 4), span(11, 0)]))),
+            records(&[span(2, 3), span(7, 4), span(11, 0)]),
             &payload,
             "/t",
             BUDGET,
@@ -256,38 +252,28 @@ mod tests {
     fn overlapping_outside_or_too_many_spans_refuse_the_message() {
         let payload = Bytes::from(vec![0u8; 1000]);
         let whole = span(0, 1000);
-        let overlap = refused_reason(bulk(Ok(Ok(records(&[whole; 3]))), &payload, "/t", BUDGET));
+        let overlap = refused_reason(bulk(records(&[whole; 3]), &payload, "/t", BUDGET));
         assert!(overlap.contains("overlap"), "{overlap}");
         let partly = refused_reason(bulk(
-            Ok(Ok(records(&[span(0, 10), span(9, 10)]))),
+            records(&[span(0, 10), span(9, 10)]),
             &payload,
             "/t",
             BUDGET,
         ));
         assert!(partly.contains("bytes 0..10 and 9..19"), "{partly}");
-        let outside = refused_reason(bulk(
-            Ok(Ok(records(&[span(995, 10)]))),
-            &payload,
-            "/t",
-            BUDGET,
-        ));
+        let outside = refused_reason(bulk(records(&[span(995, 10)]), &payload, "/t", BUDGET));
         assert!(
             outside.contains("outside the 1000-byte payload"),
             "{outside}"
         );
         let far = refused_reason(bulk(
-            Ok(Ok(records(&[span(u32::MAX, u32::MAX)]))),
+            records(&[span(u32::MAX, u32::MAX)]),
             &payload,
             "/t",
             BUDGET,
         ));
         assert!(far.contains("outside"), "{far}");
-        let many = refused_reason(bulk(
-            Ok(Ok(records(&[span(0, 0); 101]))),
-            &payload,
-            "/t",
-            BUDGET,
-        ));
+        let many = refused_reason(bulk(records(&[span(0, 0); 101]), &payload, "/t", BUDGET));
         assert!(
             many.contains("101 records") && many.contains("max_records_per_call (100)"),
             "{many}"
@@ -308,19 +294,18 @@ mod tests {
         };
         let mut output = records(&[span(0, 50)]);
         output.rejected = vec![rejected(span(40, 20))];
-        let reason = refused_reason(bulk(Ok(Ok(output)), &payload, "/t", BUDGET));
+        let reason = refused_reason(bulk(output, &payload, "/t", BUDGET));
         assert!(reason.contains("overlap"), "{reason}");
         let mut output = records(&[]);
         output.rejected = vec![rejected(span(100, 10))];
-        let reason = refused_reason(bulk(Ok(Ok(output)), &payload, "/t", BUDGET));
+        let reason = refused_reason(bulk(output, &payload, "/t", BUDGET));
         assert!(reason.contains("outside"), "{reason}");
     }
 
     #[test]
     fn a_small_part_of_a_big_payload_is_copied_out_of_it() {
         let payload = Bytes::from(vec![7u8; 1000]);
-        let Outcome::Records(records, _) =
-            bulk(Ok(Ok(records(&[span(0, 10)]))), &payload, "/t", BUDGET)
+        let Outcome::Records(records, _) = bulk(records(&[span(0, 10)]), &payload, "/t", BUDGET)
         else {
             panic!("expected records");
         };
@@ -339,16 +324,12 @@ mod tests {
             partition_key: "1".into(),
             explicit_hash_key: None,
         };
-        let many = refused_reason(events(
-            Ok(Ok((0..101).map(|_| record(1)).collect())),
-            10,
-            BUDGET,
-        ));
+        let many = refused_reason(events((0..101).map(|_| record(1)).collect(), BUDGET));
         assert!(many.contains("101 records"), "{many}");
-        let big = refused_reason(events(Ok(Ok(vec![record(600), record(600)])), 10, BUDGET));
+        let big = refused_reason(events(vec![record(600), record(600)], BUDGET));
         assert!(big.contains("1200 bytes"), "{big}");
         assert!(matches!(
-            events(Ok(Ok(vec![record(1000)])), 10, BUDGET),
+            events(vec![record(1000)], BUDGET),
             Outcome::Records(records, _) if records.len() == 1
         ));
     }

@@ -30,7 +30,7 @@ use crate::module::Module;
 use crate::pipeline::commit::{Job, Staged};
 use crate::pipeline::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
 use crate::pipeline::source::{Message, Replay, ReplayRecord, Topic};
-use crate::runtime::{CallResult, Guest, GuestFault};
+use crate::runtime::{Guest, GuestFault, Handled, Input, Mqtt};
 use crate::store::dead_letter::DeadLetter;
 use crate::store::spool::SpoolRecord;
 use answer::{Budget, Outcome, Produced};
@@ -99,46 +99,47 @@ impl Router {
         }
     }
 
-    /// Routes a batch: runs of clean messages recorded in flight together,
-    /// a suspect alone (nothing else in flight until it is committed), a
-    /// condemned message straight to the dead letters.
+    /// Routes a batch: runs of clean messages recorded in flight together
+    /// and handed to each module's guest together, a suspect alone (nothing
+    /// else in flight until it is committed), a condemned message straight
+    /// to the dead letters.
     fn route_batch(&mut self, batch: Vec<Message>) {
         let prints: Vec<Fingerprint> = batch
             .iter()
             .map(|message| fingerprint(&message.topic, &message.payload))
             .collect();
         let standings: Vec<Standing> = prints.iter().map(|p| self.guard.standing(*p)).collect();
-        let mut begun = 0;
+        let mut run = Vec::new();
         for (index, message) in batch.into_iter().enumerate() {
-            while let Ok(swap) = self.swaps.try_recv() {
-                self.switch(swap);
-            }
             let print = prints[index];
-            match standings[index] {
-                Standing::Clean => {
-                    if index >= begun {
-                        begun = standings[index..]
-                            .iter()
-                            .position(|s| *s != Standing::Clean)
-                            .map_or(prints.len(), |n| index + n);
-                        self.guard.begin(&prints[index..begun]);
-                    }
-                    self.route(message);
+            if standings[index] == Standing::Clean {
+                if run.is_empty() {
+                    let end = standings[index..]
+                        .iter()
+                        .position(|s| *s != Standing::Clean)
+                        .map_or(prints.len(), |n| index + n);
+                    self.guard.begin(&prints[index..end]);
                 }
+                run.push(message);
+                continue;
+            }
+            self.route_run(std::mem::take(&mut run));
+            match standings[index] {
                 Standing::Suspect => {
                     let flag = self.stopping.clone();
                     let stopping = move || flag.load(Ordering::Acquire);
                     self.guard.wait_idle(&stopping);
                     self.guard.begin(&[print]);
-                    self.route(message);
+                    self.route_run(vec![message]);
                     self.guard.wait_idle(&stopping);
                 }
-                Standing::Condemned => {
+                _ => {
                     self.guard.begin(&[print]);
                     self.condemn(message, print);
                 }
             }
         }
+        self.route_run(run);
     }
 
     /// Keeps a message as a dead letter in every module without running it:
@@ -196,112 +197,203 @@ impl Router {
         }
     }
 
-    fn route(&mut self, mut message: Message) {
-        #[cfg(debug_assertions)]
-        crate::pipeline::crash_guard::abort_if_marked(&message.payload);
-        let received_at = clock::format_rfc3339(message.received_at);
-        let budget = self.budget;
-        let bad_topic_owner = message
-            .kind
-            .as_ref()
-            .err()
-            .map(|_| owner_of_bad_topic(&self.routes, &message.topic));
-        let mut staged = Vec::with_capacity(self.routes.len());
-        for (index, route) in self.routes.iter_mut().enumerate() {
-            let for_another = match (&message.replay, bad_topic_owner) {
-                (Some(replay), _) => replay.module != index,
-                (None, Some(owner)) => owner != index,
-                (None, None) => false,
-            };
-            if for_another {
-                staged.push(None);
-                continue;
-            }
-            let module = &route.module;
-            Counters::add(&module.counters.received, 1);
-            let payload = &message.payload;
-            let outcome = match (&message.kind, &message.replay) {
-                (
-                    _,
-                    Some(Replay {
-                        record: Some(record),
-                        ..
-                    }),
-                ) => Outcome::Records(vec![replayed(record, &message)], Vec::new()),
-                (Err(reason), _) => Outcome::Refused(reason.clone()),
-                (Ok(Topic::DeviceEvent { device_id }), _) => {
-                    let device = self.devices.get(device_id);
-                    let context = DeviceContext {
-                        device_id: *device_id,
-                        home_id: device.map(|d| d.home_id),
-                        device_class: device.and_then(|d| d.class.clone()),
-                        device_ip: None,
-                        received_at: received_at.clone(),
-                    };
-                    let answer = timed(module, &mut route.guest, |guest| {
-                        guest.device_event(&context, payload)
-                    });
-                    answer::events(answer, payload.len(), budget)
-                }
-                (Ok(Topic::HomeEvent { home_id }), _) => {
-                    let context = HomeContext {
-                        home_id: *home_id,
-                        project_key_id: None,
-                        project_key_name: None,
-                        received_at: received_at.clone(),
-                    };
-                    let answer = timed(module, &mut route.guest, |guest| {
-                        guest.home_event(&context, payload)
-                    });
-                    answer::events(answer, payload.len(), budget)
-                }
-                (Ok(Topic::BulkData { device_id, label }), _) => {
-                    let answer = timed(module, &mut route.guest, |guest| {
-                        guest.bulk_data(*device_id, label, payload)
-                    });
-                    answer::bulk(answer, payload, &message.topic, budget)
-                }
-            };
-            let kept = stage(module, &message, outcome);
-            if !matches!(message.kind, Ok(Topic::BulkData { .. }))
-                && let Some(kept) = &kept
-            {
-                // An event's records are the guest's own bytes, held until committed.
-                message
-                    .charge
-                    .add(kept.records.iter().map(|r| r.data.len()).sum());
-            }
-            staged.push(kept);
+    /// Routes messages in order: each module's guest gets those of them it
+    /// must run in one [`Guest::handle`] (a 1.1 guest in batch calls), then
+    /// each message's outcomes go to the committer, in order. New guests
+    /// are put in service before the run.
+    fn route_run(&mut self, mut messages: Vec<Message>) {
+        if messages.is_empty() {
+            return;
         }
-        self.send(Job {
-            staged,
-            settlement: message.settlement,
-            charge: message.charge,
-        });
+        while let Ok(swap) = self.swaps.try_recv() {
+            self.switch(swap);
+        }
+        #[cfg(debug_assertions)]
+        for message in &messages {
+            crate::pipeline::crash_guard::abort_if_marked(&message.payload);
+        }
+        let contexts: Vec<Context> = messages.iter().map(|m| self.context(m)).collect();
+        let bad_topic_owners: Vec<Option<usize>> = messages
+            .iter()
+            .map(|m| {
+                m.kind
+                    .as_ref()
+                    .err()
+                    .map(|_| owner_of_bad_topic(&self.routes, &m.topic))
+            })
+            .collect();
+        let budget = self.budget;
+        // staged[message][module]
+        let mut staged: Vec<Vec<Option<Staged>>> = (0..messages.len())
+            .map(|_| Vec::with_capacity(self.routes.len()))
+            .collect();
+        for (index, route) in self.routes.iter_mut().enumerate() {
+            let module = &route.module;
+            let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(messages.len());
+            let mut inputs = Vec::new();
+            let mut called = Vec::new();
+            for (position, message) in messages.iter().enumerate() {
+                let for_another = match (&message.replay, bad_topic_owners[position]) {
+                    (Some(replay), _) => replay.module != index,
+                    (None, Some(owner)) => owner != index,
+                    (None, None) => false,
+                };
+                if for_another {
+                    outcomes.push(None);
+                    continue;
+                }
+                Counters::add(&module.counters.received, 1);
+                let direct = match (&message.kind, &message.replay) {
+                    (
+                        _,
+                        Some(Replay {
+                            record: Some(record),
+                            ..
+                        }),
+                    ) => Some(Outcome::Records(
+                        vec![replayed(record, message)],
+                        Vec::new(),
+                    )),
+                    (Err(reason), _) => Some(Outcome::Refused(reason.clone())),
+                    (Ok(_), _) => None,
+                };
+                if direct.is_none()
+                    && let Some(input) = contexts[position].input(message)
+                {
+                    inputs.push(input);
+                    called.push(position);
+                }
+                outcomes.push(direct);
+            }
+            if !inputs.is_empty() {
+                let handled = timed(module, &mut route.guest, &inputs);
+                if let Some(reason) = handled.batch_failed {
+                    module.log.write(Level::Warn, reason);
+                }
+                for (position, answer) in called.iter().zip(handled.answers) {
+                    let message = &messages[*position];
+                    outcomes[*position] = Some(answer::outcome(
+                        answer,
+                        &message.payload,
+                        &message.topic,
+                        budget,
+                    ));
+                }
+            }
+            for (position, outcome) in outcomes.into_iter().enumerate() {
+                let message = &mut messages[position];
+                let Some(outcome) = outcome else {
+                    staged[position].push(None);
+                    continue;
+                };
+                let kept = stage(module, message, outcome);
+                if !matches!(message.kind, Ok(Topic::BulkData { .. }))
+                    && let Some(kept) = &kept
+                {
+                    // An event's records are the guest's own bytes, held until committed.
+                    message
+                        .charge
+                        .add(kept.records.iter().map(|r| r.data.len()).sum());
+                }
+                staged[position].push(kept);
+            }
+        }
+        for (message, staged) in messages.into_iter().zip(staged) {
+            self.send(Job {
+                staged,
+                settlement: message.settlement,
+                charge: message.charge,
+            });
+        }
+    }
+
+    /// What a guest needs to know of a message beside its payload.
+    fn context(&self, message: &Message) -> Context {
+        let received_at = || clock::format_rfc3339(message.received_at);
+        match &message.kind {
+            Ok(Topic::DeviceEvent { device_id }) => {
+                let device = self.devices.get(device_id);
+                Context::Device(DeviceContext {
+                    device_id: *device_id,
+                    home_id: device.map(|d| d.home_id),
+                    device_class: device.and_then(|d| d.class.clone()),
+                    device_ip: None,
+                    received_at: received_at(),
+                })
+            }
+            Ok(Topic::HomeEvent { home_id }) => Context::Home(HomeContext {
+                home_id: *home_id,
+                project_key_id: None,
+                project_key_name: None,
+                received_at: received_at(),
+            }),
+            Ok(Topic::BulkData { .. }) | Err(_) => Context::None,
+        }
     }
 }
 
-/// Runs a guest call, timing it and counting how it ended badly, if it
-/// did, and whether the guest's instance was recycled after it.
-fn timed<T>(
-    module: &Module,
-    guest: &mut Guest,
-    call: impl FnOnce(&mut Guest) -> CallResult<T>,
-) -> CallResult<T> {
+/// A message's context for the guest, made once for all modules.
+enum Context {
+    Device(DeviceContext),
+    Home(HomeContext),
+    /// Bulk data (its topic says all), or a message no guest runs.
+    None,
+}
+
+impl Context {
+    /// The message as the guest takes it; `None` if no guest runs it.
+    fn input<'a>(&'a self, message: &'a Message) -> Option<Input<'a>> {
+        let payload = &message.payload[..];
+        let mqtt = Mqtt {
+            topic: &message.topic,
+            content_type: message.properties.content_type.as_deref(),
+            user_properties: &message.properties.user_properties,
+        };
+        Some(match (self, &message.kind) {
+            (Context::Device(context), _) => Input::DeviceEvent {
+                context,
+                payload,
+                mqtt,
+            },
+            (Context::Home(context), _) => Input::HomeEvent {
+                context,
+                payload,
+                mqtt,
+            },
+            (Context::None, Ok(Topic::BulkData { device_id, label })) => Input::BulkData {
+                device_id: *device_id,
+                label,
+                payload,
+                mqtt,
+            },
+            (Context::None, _) => return None,
+        })
+    }
+}
+
+/// Hands messages to a module's guest, timing the calls and counting those
+/// that ended badly, and the guest instances recycled meanwhile.
+fn timed(module: &Module, guest: &mut Guest, inputs: &[Input<'_>]) -> Handled {
     let started = std::time::Instant::now();
     let recycled = guest.recycled();
-    let answer = call(guest);
+    let handled = guest.handle(inputs);
     let metrics = &module.metrics;
-    metrics.guest_call.observe(started.elapsed());
-    Counters::add(&metrics.guest_recycles, guest.recycled() - recycled);
-    if let Err(error) = &answer {
-        metrics.guest_trapped(match error.fault() {
-            Some(GuestFault::Memory { .. } | GuestFault::Table { .. }) => TrapKind::Memory,
-            Some(_) => TrapKind::Deadline,
-            None => TrapKind::Trap,
-        });
+    // One observation per call: a batch call is one call.
+    let per_call = started.elapsed() / u32::try_from(handled.calls.max(1)).unwrap_or(u32::MAX);
+    for _ in 0..handled.calls {
+        metrics.guest_call.observe(per_call);
     }
-    answer
+    Counters::add(&metrics.guest_recycles, guest.recycled() - recycled);
+    for answer in &handled.answers {
+        if let Err(error) = answer {
+            metrics.guest_trapped(match error.fault() {
+                Some(GuestFault::Memory { .. } | GuestFault::Table { .. }) => TrapKind::Memory,
+                Some(_) => TrapKind::Deadline,
+                None => TrapKind::Trap,
+            });
+        }
+    }
+    handled
 }
 
 /// The module that keeps a message whose topic is not a MODE topic (one

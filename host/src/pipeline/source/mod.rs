@@ -29,6 +29,17 @@ pub struct Message {
     pub replay: Option<Replay>,
     /// What it holds of the in-flight budget until it is committed.
     pub charge: Charge,
+    /// The MQTT 5 properties guests may route on (1.1 guests see them).
+    pub properties: Properties,
+}
+
+/// The MQTT 5 properties of a message that guests see.
+#[derive(Debug, Clone, Default)]
+pub struct Properties {
+    /// The publisher's content type.
+    pub content_type: Option<String>,
+    /// User properties, in the order they came.
+    pub user_properties: Vec<(String, String)>,
 }
 
 /// A dead letter sent through one module again.

@@ -29,7 +29,7 @@ use crate::config::{Broker, MqttConfig};
 use crate::module::Module;
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::{Charge, InFlight};
-use crate::pipeline::source::{Message, SUBSCRIPTIONS, SourceStatus, Topic};
+use crate::pipeline::source::{Message, Properties, SUBSCRIPTIONS, SourceStatus, Topic};
 use crate::tls::CertificateSummary;
 use crate::tls::client::{broker_config, explain};
 
@@ -437,6 +437,14 @@ impl Acknowledger {
 /// Turns a received publish into a message whose settlement sends its PUBACK.
 fn message(publish: Publish, ack_tx: &Arc<Acknowledger>, charge: Charge) -> Message {
     let topic: Arc<str> = String::from_utf8_lossy(&publish.topic).into();
+    let properties = publish
+        .properties
+        .as_ref()
+        .map(|p| Properties {
+            content_type: p.content_type.clone(),
+            user_properties: p.user_properties.clone(),
+        })
+        .unwrap_or_default();
     let on_settled: Option<crate::pipeline::ack::OnSettled> = (publish.qos != QoS::AtMostOnce)
         .then(|| {
             let ack = Publish {
@@ -455,5 +463,6 @@ fn message(publish: Publish, ack_tx: &Arc<Acknowledger>, charge: Charge) -> Mess
         settlement: Settlement::new(on_settled),
         replay: None,
         charge,
+        properties,
     }
 }
