@@ -165,9 +165,10 @@ impl Components {
                             self.modules[i].log.write(
                                 Level::Info,
                                 format!(
-                                    "component {} (sha256 {}) loaded and checked in {} ms ({trigger}); switching to it",
+                                    "component {} (sha256 {}, {}) loaded and checked in {} ms ({trigger}); switching to it",
                                     path.display(),
                                     info.short_hash(),
+                                    info.contract,
                                     info.load_ms
                                 ),
                             );
@@ -283,6 +284,7 @@ impl Components {
             sha256,
             loaded_at: clock::now_rfc3339(),
             load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            contract: runtime.contract().to_string(),
         };
         Ok(guests
             .into_iter()

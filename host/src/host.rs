@@ -143,10 +143,24 @@ impl Host {
                 .await
                 .map_err(StartError::Stream)?;
             let (sink_tx, sink_rx) = mpsc::unbounded_channel();
+            let component = module
+                .component
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|c| {
+                    format!(
+                        ", running component {} (sha256 {}, {})",
+                        c.path.display(),
+                        c.short_hash(),
+                        c.contract
+                    )
+                })
+                .unwrap_or_default();
             module.log.write(
                 Level::Info,
                 format!(
-                    "started: forwarding to stream `{}` in {}",
+                    "started: forwarding to stream `{}` in {}{component}",
                     module_config.stream_name, module_config.region
                 ),
             );

@@ -91,6 +91,9 @@ pub struct ComponentInfo {
     pub loaded_at: String,
     /// How long loading, configuring and checking took, milliseconds.
     pub load_ms: u64,
+    /// The contract version it speaks (`ksm:smart-module@1.1 (batches)`).
+    #[serde(default)]
+    pub contract: String,
 }
 
 impl ComponentInfo {

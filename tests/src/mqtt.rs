@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::Error as MqttBytesError;
 use rumqttc::v5::mqttbytes::QoS;
+pub use rumqttc::v5::mqttbytes::v5::PublishProperties;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, Packet, PubAckReason};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
 use rumqttc::{TlsConfiguration, Transport};
@@ -279,18 +280,52 @@ pub async fn publish_one_tls(
     publish_one_with(tls_options(url, "ksm-tests-pub-one", tls), topic, payload).await
 }
 
+/// Like [`publish_one`], with MQTT 5 publish properties (content type, user properties).
+pub async fn publish_one_with_properties(
+    url: &str,
+    topic: &str,
+    payload: Vec<u8>,
+    properties: PublishProperties,
+) -> PublishAnswer {
+    publish_one_as(
+        options(url, "ksm-tests-pub-props"),
+        topic,
+        payload,
+        Some(properties),
+    )
+    .await
+}
+
 /// Like [`publish_one`], connecting with `options`.
 pub async fn publish_one_with(
     options: MqttOptions,
     topic: &str,
     payload: Vec<u8>,
 ) -> PublishAnswer {
+    publish_one_as(options, topic, payload, None).await
+}
+
+async fn publish_one_as(
+    options: MqttOptions,
+    topic: &str,
+    payload: Vec<u8>,
+    properties: Option<PublishProperties>,
+) -> PublishAnswer {
     let url = broker(&options);
     let (client, mut eventloop) = AsyncClient::new(options, 8);
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload)
-        .await
-        .unwrap_or_else(|e| panic!("queue MQTT publish to {topic}: {e}"));
+    let queued = match properties {
+        Some(properties) => {
+            client
+                .publish_with_properties(topic, QoS::AtLeastOnce, false, payload, properties)
+                .await
+        }
+        None => {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+        }
+    };
+    queued.unwrap_or_else(|e| panic!("queue MQTT publish to {topic}: {e}"));
     let answer = async {
         let mut connected = false;
         loop {

@@ -482,8 +482,27 @@ impl Guest {
         })
     }
 
-    /// Handles one message with the per-message functions.
+    /// Handles one message in one call: a 1.1 guest's is a batch of one
+    /// (so it sees the message's MQTT details, as in any batch), a 1.0
+    /// guest's the forwarder function for its kind.
     pub fn one(&mut self, input: &Input<'_>) -> CallResult<Answer> {
+        if matches!(self.bindings, Bindings::V1_1(_)) {
+            let message = [input.to_message()];
+            let outcomes = self.call(1, |bindings, store| match bindings {
+                Bindings::V1_1(bindings) => bindings
+                    .ksm_smart_module_batch()
+                    .call_handle_batch(store, &message),
+                Bindings::V1_0(_) => Err(wasmtime::Error::msg("a 1.0 guest takes no batches")),
+            })?;
+            return Ok(match <[_; 1]>::try_from(outcomes) {
+                Ok([outcome]) => batch::answer(input, outcome),
+                Err(outcomes) => Err(GuestError::Other(format!(
+                    "the guest answered a batch of one message with {} outcomes (one per \
+                     message is the contract)",
+                    outcomes.len()
+                ))),
+            });
+        }
         match *input {
             Input::DeviceEvent {
                 context, payload, ..
@@ -504,8 +523,8 @@ impl Guest {
     /// [`MAX_BATCH_MESSAGES`] (fewer when their payloads are big), a 1.0
     /// guest one call per message. A batch call that fails (a trap, the
     /// deadline, the memory limit, not one outcome per message) is made
-    /// again one message at a time, on a fresh instance, so each message
-    /// gets the answer it would get alone.
+    /// again one message per call ([`Guest::one`]), on a fresh instance, so
+    /// each message gets the answer it would get alone.
     pub fn handle(&mut self, inputs: &[Input<'_>]) -> Handled {
         let mut handled = Handled {
             answers: Vec::with_capacity(inputs.len()),
@@ -569,10 +588,13 @@ impl Guest {
             .ksm_smart_module_batch()
             .call_handle_batch(&mut self.store, &messages)
             .map_err(|error| {
+                let why = match RuntimeError::from_call(error) {
+                    RuntimeError::Trap(trap) => format!("the guest trapped: {}", trap.root_cause()),
+                    other => other.to_string(),
+                };
                 format!(
-                    "a batch call of {} messages failed ({}); they ran again one by one",
-                    chunk.len(),
-                    RuntimeError::from_call(error)
+                    "a batch call of {} messages failed ({why}); they ran again one by one",
+                    chunk.len()
                 )
             })?;
         if outcomes.len() != chunk.len() {
