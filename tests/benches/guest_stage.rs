@@ -16,11 +16,17 @@
 //!   call costs (natively next to nothing; in wasm, copying the arguments in,
 //!   entering and leaving the instance, lifting the empty answer). Per message.
 //!
+//! Those cases call the component's 1.0 functions, one message per call.
+//! The batch cases call it as the host's router does a 1.1 guest
+//! (`Guest::handle`, the messages copied into the call as the host copies
+//! them), against the native guest looping over the same messages:
+//! - `batch_events_N`: N subscribed device events (as `event_subscribed`);
+//! - `batch_bulk100_N`: N bulk payloads of 100 records of 100 bytes;
+//!
+//! for N = 1, 16, 64 and 256.
+//!
 //! Throughput is in records (criterion prints elements/s): a figure is per
-//! call divided by the records one call yields. The contract has no batch
-//! call: the host calls the guest once per MQTT message, so the crossing into
-//! the sandbox cannot be shared between messages, and this bench does not
-//! pretend otherwise.
+//! call divided by the records one call yields.
 //!
 //! Before anything is timed, each case runs once both ways and must give the
 //! same answer (record count, data bytes and spans, keys; UUID keys only by
@@ -42,7 +48,7 @@ use criterion::{Criterion, Throughput};
 use ksm_guest::Forwarder;
 use ksm_host::bindings::types as wit;
 use ksm_host::conformance::is_uuid_v4;
-use ksm_host::runtime::{Guest, Runtime};
+use ksm_host::runtime::{Answer as GuestAnswer, Guest, Input as GuestInput, Mqtt, Runtime};
 use ksm_tests::artifacts;
 
 /// The device every message comes from.
@@ -481,6 +487,143 @@ fn bench(criterion: &mut Criterion, runtime: &Runtime, case: &Case) {
     group.finish();
 }
 
+/// Messages per batch call in the batch cases.
+const BATCH_SIZES: [usize; 4] = [1, 16, 64, 256];
+
+/// A batch case: N copies of one message handed over in one go.
+struct BatchCase {
+    /// Criterion group name.
+    name: String,
+    /// The module and the message.
+    case: Case,
+    /// Messages per batch.
+    size: usize,
+}
+
+impl BatchCase {
+    /// Records one batch yields.
+    fn records(&self) -> u64 {
+        self.case.records * self.size as u64
+    }
+}
+
+fn batch_cases() -> Vec<BatchCase> {
+    let event = event_payload();
+    let bulk = bulk_payload(100);
+    let mut cases = Vec::new();
+    for size in BATCH_SIZES {
+        cases.push(BatchCase {
+            name: format!("batch_events_{size}"),
+            case: Case {
+                name: "batch_events",
+                subscribe: &["temperature"],
+                use_uuid: false,
+                input: Input::Event(event.clone()),
+                records: 1,
+            },
+            size,
+        });
+        cases.push(BatchCase {
+            name: format!("batch_bulk100_{size}"),
+            case: Case {
+                name: "batch_bulk100",
+                subscribe: &[],
+                use_uuid: false,
+                input: Input::Bulk {
+                    label: LABEL,
+                    payload: bulk.clone(),
+                },
+                records: 100,
+            },
+            size,
+        });
+    }
+    cases
+}
+
+/// The records a guest's answers hold.
+fn answered_records(answers: &[ksm_host::runtime::CallResult<GuestAnswer>]) -> u64 {
+    answers
+        .iter()
+        .map(|answer| match answer {
+            Ok(Ok(GuestAnswer::Records(records))) => records.len() as u64,
+            Ok(Ok(GuestAnswer::Bulk(output))) => output.records.len() as u64,
+            other => panic!("the component refused a batch message: {other:?}"),
+        })
+        .sum()
+}
+
+fn bench_batch(criterion: &mut Criterion, runtime: &Runtime, batch: &BatchCase) {
+    let case = &batch.case;
+    let mut stage = Stage::new(runtime, case);
+    stage.validate(case);
+    let mqtt = Mqtt {
+        topic: "/devices/1001/event",
+        content_type: None,
+        user_properties: &[],
+    };
+    let inputs: Vec<GuestInput<'_>> = (0..batch.size)
+        .map(|_| match &case.input {
+            Input::Event(payload) => GuestInput::DeviceEvent {
+                context: &stage.wasm_context,
+                payload,
+                mqtt,
+            },
+            Input::Bulk { label, payload } => GuestInput::BulkData {
+                device_id: DEVICE_ID,
+                label,
+                payload,
+                mqtt,
+            },
+        })
+        .collect();
+    let handled = stage.wasm.handle(&inputs);
+    assert_eq!(handled.batch_failed, None, "{}", batch.name);
+    assert_eq!(
+        answered_records(&handled.answers),
+        batch.records(),
+        "{}",
+        batch.name
+    );
+    let expected_calls = batch.size.div_ceil(ksm_host::runtime::MAX_BATCH_MESSAGES);
+    assert_eq!(
+        handled.calls, expected_calls,
+        "{}: one call per batch",
+        batch.name
+    );
+    let mut group = criterion.benchmark_group(&batch.name);
+    group.throughput(Throughput::Elements(batch.records()));
+    let native = &stage.native;
+    let native_context = &stage.native_context;
+    group.bench_function("native", |b| {
+        b.iter(|| {
+            for _ in 0..batch.size {
+                match &case.input {
+                    Input::Event(payload) => {
+                        black_box(
+                            native
+                                .handle_device_event(native_context, black_box(payload))
+                                .expect("the native guest takes the event"),
+                        );
+                    }
+                    Input::Bulk { label, payload } => {
+                        black_box(
+                            native
+                                .handle_bulk_spans(DEVICE_ID, label, black_box(payload))
+                                .expect("the native guest takes the bulk payload"),
+                        );
+                    }
+                }
+            }
+        });
+    });
+    let wasm = &mut stage.wasm;
+    group.bench_function("wasm", |b| {
+        b.iter(|| black_box(wasm.handle(black_box(&inputs))));
+    });
+    group.finish();
+}
+
 /// Where criterion keeps its results: `$CRITERION_HOME`, else
 /// `<target>/criterion` (as criterion itself decides).
 fn criterion_dir() -> PathBuf {
@@ -546,6 +689,48 @@ fn print_table(cases: &[Case], started: SystemTime) {
     }
 }
 
+/// Prints native against wasm per record, and the crossing per message, for
+/// every batch case this run measured. The crossing is what the wasm call
+/// costs beyond the native work, per message.
+fn print_batch_table(cases: &[BatchCase], started: SystemTime) {
+    let rows: Vec<_> = cases
+        .iter()
+        .filter_map(|case| {
+            let native = mean_ns(&case.name, "native", started)?;
+            let wasm = mean_ns(&case.name, "wasm", started)?;
+            Some((case, native, wasm))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!("guest stage in batches (1.1 handle-batch), mean per record, one core:");
+    println!(
+        "{:<18} {:>6} {:>13} {:>12} {:>11} {:>15} {:>16}",
+        "case",
+        "batch",
+        "native ns/rec",
+        "wasm ns/rec",
+        "wasm/native",
+        "+wasm ns/msg",
+        "wasm rec/s/core"
+    );
+    for (case, native, wasm) in rows {
+        let records = case.records() as f64;
+        println!(
+            "{:<18} {:>6} {:>13.1} {:>12.1} {:>10.2}x {:>15.0} {:>16.0}",
+            case.case.name,
+            case.size,
+            native / records,
+            wasm / records,
+            wasm / native,
+            (wasm - native) / case.size as f64,
+            1e9 * records / wasm
+        );
+    }
+}
+
 fn main() {
     let mut criterion = Criterion::default()
         .warm_up_time(WARM_UP)
@@ -559,6 +744,11 @@ fn main() {
     for case in &cases {
         bench(&mut criterion, &runtime, case);
     }
+    let batches = batch_cases();
+    for batch in &batches {
+        bench_batch(&mut criterion, &runtime, batch);
+    }
     criterion.final_summary();
     print_table(&cases, started);
+    print_batch_table(&batches, started);
 }
