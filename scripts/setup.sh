@@ -3,6 +3,7 @@
 # missing, so running it again is quick:
 #   - Mosquitto broker and clients (apt; the system service Debian starts is stopped),
 #   - curl, Node.js and npm (apt, only if missing),
+#   - Debian's python3 with python3-venv (apt, only if missing; the Python guest's build),
 #   - the Rust target wasm32-wasip2, clippy and rustfmt (rustup),
 #   - moto's server 5.2.1 with boto3 1.40.60 or later (pip; an older botocore does not know
 #     MaxRecordSizeInKiB, which tests/emulators/moto_server.py adds to moto),
@@ -91,6 +92,13 @@ if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
     say "node: $(node --version), npm: $(npm --version)"
 else
     apt_install nodejs npm
+fi
+
+# Debian's python3 with venv: scripts/build-python-guest.sh makes its venv with it.
+if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    say "python3 (Debian): $(/usr/bin/python3 --version), with venv"
+else
+    apt_install python3 python3-venv
 fi
 
 # --- Rust --------------------------------------------------------------------------------

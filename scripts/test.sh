@@ -52,6 +52,10 @@ step "conformance: the JavaScript guest (examples/guest-js)"
 bash scripts/build-js-guest.sh
 cargo run -p ksm-host -- conformance target/guest-js/ksm_guest_js.wasm
 
+step "conformance: the Python guest (examples/guest-python)"
+bash scripts/build-python-guest.sh
+cargo run -p ksm-host -- conformance target/guest-python/ksm_guest_python.wasm
+
 step "conformance: the reference guest"
 # Its last line, "N passed, M failed", is the last line of this script's output.
 cargo run -p ksm-host -- conformance "$GUEST_WASM"
