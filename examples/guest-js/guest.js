@@ -119,6 +119,10 @@ let pos = 0;
 // Where the number being scanned starts (its `-`, or its first digit).
 let numberStart = 0;
 let depth = 128;
+// Whitespace bytes skipped so far (a value is compact if none were skipped
+// inside it), and where the top-level object's last `eventData` lies.
+let skipped = 0;
+let eventDataSpan = null;
 // Scratch for strings with escapes.
 let scratch = new Uint8Array(256);
 let scratchLen = 0;
@@ -187,8 +191,12 @@ function eofError(message) {
 function skipWhitespace() {
   while (pos < len) {
     const c = buf[pos];
-    if (c === 0x20 || c === 0x0a || c === 0x09 || c === 0x0d) pos++;
-    else return c;
+    if (c === 0x20 || c === 0x0a || c === 0x09 || c === 0x0d) {
+      pos++;
+      skipped++;
+    } else {
+      return c;
+    }
   }
   return -1;
 }
@@ -199,6 +207,7 @@ function parseJson(bytes) {
   len = bytes.length;
   pos = 0;
   depth = 128;
+  eventDataSpan = null;
   const value = parseValue();
   if (skipWhitespace() >= 0) throw peekError('trailing characters');
   return value;
@@ -285,6 +294,7 @@ function parseArrayItems() {
 
 function parseObjectEntries() {
   const map = new Map();
+  const topLevel = depth === 127;
   let first = true;
   for (;;) {
     const c = skipWhitespace();
@@ -308,7 +318,15 @@ function parseObjectEntries() {
     if (colon < 0) throw eofError('EOF while parsing an object');
     if (colon !== 0x3a) throw peekError('expected `:`');
     pos++;
-    map.set(key, parseValue());
+    if (topLevel && key === 'eventData') {
+      skipWhitespace();
+      const start = pos;
+      const before = skipped;
+      map.set(key, parseValue());
+      eventDataSpan = { start, end: pos, compact: skipped === before };
+    } else {
+      map.set(key, parseValue());
+    }
   }
 }
 
@@ -844,7 +862,33 @@ function parsePayload(payload) {
     throw invalidField('eventType', `must be a string, found ${jsonType(eventType)}`);
   }
   if (eventType === '') throw invalidField('eventType', 'must not be empty');
-  return { eventType, object: value };
+  return { eventType, object: value, payload, eventDataSpan };
+}
+
+/**
+ * The bytes of the valid JSON value at `span` in `bytes` without the
+ * whitespace between its tokens (event.rs: eventData goes out as sent).
+ */
+function compactBytes(bytes, span) {
+  const raw = bytes.subarray(span.start, span.end);
+  if (span.compact) return raw;
+  const out = new Uint8Array(raw.length);
+  let n = 0;
+  let inString = false;
+  let escaped = false;
+  for (let i = 0; i < raw.length; i++) {
+    const b = raw[i];
+    if (inString) {
+      out[n++] = b;
+      if (escaped) escaped = false;
+      else if (b === 0x5c) escaped = true;
+      else if (b === 0x22) inString = false;
+    } else if (b !== 0x20 && b !== 0x09 && b !== 0x0a && b !== 0x0d) {
+      inString = b === 0x22;
+      out[n++] = b;
+    }
+  }
+  return out.subarray(0, n);
 }
 
 const present = (v) => v !== undefined && v !== null;
@@ -882,7 +926,7 @@ function modeEvent(payload, origin) {
   const timestamp = typeof ts === 'string' && isRfc3339(ts) ? ts : ctx.receivedAt;
 
   const out = ['{"eventType":', quote(payload.eventType), ',"eventData":'];
-  writeJson(eventData, out);
+  out.push(utf8Lossy.decode(compactBytes(payload.payload, payload.eventDataSpan)));
   out.push(',"timestamp":', quote(timestamp), ',"homeId":', String(homeId));
   const optional = (key, v) => {
     if (present(v)) out.push(',"', key, '":', quote(v));

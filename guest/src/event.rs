@@ -8,10 +8,17 @@
 //! 3. the subscription: not subscribed → no record;
 //! 4. `eventData` is an object and the home ID is known (else `invalid-field`);
 //!    `timestamp` never fails: an invalid one is replaced by `received-at`.
+//!
+//! No tree is built: the payload is scanned once ([`crate::json`]) and
+//! `eventData` goes into the record as its bytes were sent, only the
+//! whitespace between its tokens removed (numbers, escapes, key order and
+//! duplicate keys as the device wrote them). A member given twice at the top
+//! level counts once, with its last value.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 use crate::error::Error;
+use crate::json::{self, Kind, Member};
 use crate::timestamp::is_rfc3339;
 
 /// Where a device event came from (the WIT `device-context`).
@@ -63,51 +70,61 @@ impl Origin<'_> {
 
 /// A validated event payload whose subscription is still to be checked.
 #[derive(Debug)]
-pub struct Payload {
-    event_type: String,
-    object: Map<String, Value>,
+pub struct Payload<'a> {
+    event_type: Cow<'a, str>,
+    /// `eventData`, `timestamp` and `homeId` as sent (the last of each).
+    event_data: Option<Member<'a>>,
+    timestamp: Option<&'a str>,
+    home_id: Option<&'a str>,
     /// The payload's length: about what the MODE Event needs beside the
     /// fields ksm adds.
-    object_len_hint: usize,
+    len: usize,
 }
 
-impl Payload {
+impl<'a> Payload<'a> {
     /// Checks steps 1 and 2 (JSON object, non-empty string `eventType`).
-    pub fn parse(payload: &[u8]) -> Result<Self, Error> {
-        let value: Value =
-            serde_json::from_slice(payload).map_err(|e| Error::InvalidEventJson {
-                offset: json_error_offset(payload, &e),
-                detail: e.to_string(),
-            })?;
-        let mut object = match value {
-            Value::Object(object) => object,
-            other => {
-                return Err(Error::InvalidEventJson {
-                    offset: payload
-                        .iter()
-                        .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
-                        .unwrap_or(0) as u64,
-                    detail: format!("expected a JSON object, found {}", json_type(&other)),
-                });
+    pub fn parse(payload: &'a [u8]) -> Result<Self, Error> {
+        let (mut event_type, mut event_data, mut timestamp, mut home_id) = (None, None, None, None);
+        let kind = json::scan(payload, |member| {
+            if member.key_is("eventType") {
+                event_type = Some(member.value);
+            } else if member.key_is("eventData") {
+                event_data = Some(member);
+            } else if member.key_is("timestamp") {
+                timestamp = Some(member.value);
+            } else if member.key_is("homeId") {
+                home_id = Some(member.value);
             }
-        };
-        let event_type = match object.remove("eventType") {
-            Some(Value::String(s)) if !s.is_empty() => s,
-            Some(Value::String(_)) => {
-                return Err(Error::invalid_field("eventType", "must not be empty"));
-            }
-            Some(other) => {
+        })
+        .map_err(|fault| syntax_error(payload, fault))?;
+        if kind != Kind::Object {
+            return Err(Error::InvalidEventJson {
+                offset: payload
+                    .iter()
+                    .position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+                    .unwrap_or(0) as u64,
+                detail: format!("expected a JSON object, found {}", kind.name()),
+            });
+        }
+        let event_type = match event_type.map(|raw| (raw, Kind::of(raw))) {
+            Some((raw, Kind::String)) => decode_string(raw)?,
+            Some((_, kind)) => {
                 return Err(Error::invalid_field(
                     "eventType",
-                    format!("must be a string, found {}", json_type(&other)),
+                    format!("must be a string, found {}", kind.name()),
                 ));
             }
             None => return Err(Error::invalid_field("eventType", "missing")),
         };
+        if event_type.is_empty() {
+            return Err(Error::invalid_field("eventType", "must not be empty"));
+        }
         Ok(Payload {
             event_type,
-            object,
-            object_len_hint: payload.len(),
+            event_data,
+            timestamp,
+            home_id,
+            len: payload.len(),
         })
     }
 
@@ -121,24 +138,24 @@ impl Payload {
     /// `originDeviceId`, `originDeviceClass`, `originDeviceIp` (device events)
     /// or `originProjectKeyId`, `originProjectKeyName` (home events), each
     /// when known. Other payload fields are dropped.
-    pub fn into_mode_event(mut self, origin: Origin<'_>) -> Result<Vec<u8>, Error> {
-        let event_data = match self.object.remove("eventData") {
-            Some(Value::Object(data)) => data,
-            Some(other) => {
+    pub fn into_mode_event(self, origin: Origin<'_>) -> Result<Vec<u8>, Error> {
+        let event_data = match self.event_data {
+            Some(data) if Kind::of(data.value) == Kind::Object => data,
+            Some(data) => {
                 return Err(Error::invalid_field(
                     "eventData",
-                    format!("must be an object, found {}", json_type(&other)),
+                    format!("must be an object, found {}", Kind::of(data.value).name()),
                 ));
             }
             None => return Err(Error::invalid_field("eventData", "missing")),
         };
         let home_id = match origin {
-            Origin::Device(c) => match (c.home_id, self.object.get("homeId")) {
+            Origin::Device(c) => match (c.home_id, self.home_id) {
                 (Some(id), _) => id,
-                (None, Some(v)) => v.as_u64().ok_or_else(|| {
+                (None, Some(raw)) => non_negative_integer(raw).ok_or_else(|| {
                     Error::invalid_field(
                         "homeId",
-                        format!("must be a non-negative integer, found {v}"),
+                        format!("must be a non-negative integer, found {raw}"),
                     )
                 })?,
                 (None, None) => {
@@ -153,31 +170,40 @@ impl Payload {
             },
             Origin::Home(c) => c.home_id,
         };
-        let timestamp = match self.object.remove("timestamp") {
-            Some(Value::String(t)) if is_rfc3339(&t) => t,
-            _ => origin.received_at().to_owned(),
+        let sent_timestamp = match self.timestamp {
+            Some(raw) if Kind::of(raw) == Kind::String => Some(decode_string(raw)?),
+            _ => None,
+        };
+        let timestamp = match &sent_timestamp {
+            Some(t) if is_rfc3339(t) => t,
+            _ => origin.received_at(),
         };
 
-        // Written field by field (what serialising a `Map` in this order
-        // would give, without building one).
-        let mut out = Vec::with_capacity(self.object_len_hint + 192);
-        field(&mut out, '{', "eventType", &self.event_type)?;
-        field(&mut out, ',', "eventData", &event_data)?;
-        field(&mut out, ',', "timestamp", &timestamp)?;
-        field(&mut out, ',', "homeId", &home_id)?;
-        let optional = |out: &mut Vec<u8>, key: &str, value: &Option<String>| match value {
-            Some(value) => field(out, ',', key, value),
-            None => Ok(()),
+        let mut out = Vec::with_capacity(self.len + 192);
+        out.extend_from_slice(b"{\"eventType\":");
+        json::push_string(&mut out, &self.event_type);
+        out.extend_from_slice(b",\"eventData\":");
+        json::push_compact(&mut out, event_data.value, event_data.compact);
+        out.extend_from_slice(b",\"timestamp\":");
+        json::push_string(&mut out, timestamp);
+        push_integer(&mut out, "homeId", home_id);
+        let optional = |out: &mut Vec<u8>, key: &str, value: &Option<String>| {
+            if let Some(value) = value {
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
+                json::push_string(out, value);
+            }
         };
         match origin {
             Origin::Device(c) => {
-                field(&mut out, ',', "originDeviceId", &c.device_id)?;
-                optional(&mut out, "originDeviceClass", &c.device_class)?;
-                optional(&mut out, "originDeviceIp", &c.device_ip)?;
+                push_integer(&mut out, "originDeviceId", c.device_id);
+                optional(&mut out, "originDeviceClass", &c.device_class);
+                optional(&mut out, "originDeviceIp", &c.device_ip);
             }
             Origin::Home(c) => {
-                optional(&mut out, "originProjectKeyId", &c.project_key_id)?;
-                optional(&mut out, "originProjectKeyName", &c.project_key_name)?;
+                optional(&mut out, "originProjectKeyId", &c.project_key_id);
+                optional(&mut out, "originProjectKeyName", &c.project_key_name);
             }
         }
         out.push(b'}');
@@ -185,30 +211,60 @@ impl Payload {
     }
 }
 
-/// Appends `{sep}"key":value` as compact JSON (`key` needs no escaping).
-fn field(
-    out: &mut Vec<u8>,
-    sep: char,
-    key: &str,
-    value: &impl serde::Serialize,
-) -> Result<(), Error> {
-    out.push(sep as u8);
-    out.push(b'"');
-    out.extend_from_slice(key.as_bytes());
-    out.extend_from_slice(b"\":");
-    serde_json::to_writer(out, value)
-        .map_err(|e| Error::Other(format!("cannot serialise the event: {e}")))
+/// The valid JSON string `raw` (with its quotes), decoded; borrowed when it
+/// has no escape.
+fn decode_string(raw: &str) -> Result<Cow<'_, str>, Error> {
+    let inner = &raw[1..raw.len() - 1];
+    if !inner.contains('\\') {
+        return Ok(Cow::Borrowed(inner));
+    }
+    serde_json::from_str(raw)
+        .map(Cow::Owned)
+        .map_err(|e| Error::Other(format!("cannot decode a string the scanner accepted: {e}")))
 }
 
-/// Name of a JSON value's type, for error details.
-fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// The valid JSON value `raw` as a u64, if it is an integer in range (what
+/// serde_json's `as_u64` gives: not `-0`, `1.0` or `1e2`).
+fn non_negative_integer(raw: &str) -> Option<u64> {
+    if raw.bytes().all(|b| b.is_ascii_digit()) {
+        raw.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// Appends `,"key":value` (`key` needs no escaping).
+fn push_integer(out: &mut Vec<u8>, key: &str, value: u64) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = value;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// The `invalid-event-json` error for a payload the scanner refused, with
+/// serde_json's offset and wording (the scanner's own, should serde_json
+/// disagree and accept it: the scanner's tests say it does not).
+fn syntax_error(payload: &[u8], fault: json::Fault) -> Error {
+    match serde_json::from_slice::<serde_json::Value>(payload) {
+        Err(e) => Error::InvalidEventJson {
+            offset: json_error_offset(payload, &e),
+            detail: e.to_string(),
+        },
+        Ok(_) => Error::InvalidEventJson {
+            offset: fault.offset as u64,
+            detail: fault.reason.to_owned(),
+        },
     }
 }
 
@@ -285,6 +341,37 @@ mod tests {
             out,
             r#"{"eventType":"temp","eventData":{"z":1,"a":[true,null]},"timestamp":"2025-12-31T23:59:59.5+09:00","homeId":7,"originDeviceId":1001,"originDeviceClass":"sensor","originDeviceIp":"192.0.2.7"}"#
         );
+    }
+
+    #[test]
+    fn event_data_is_copied_as_sent_without_whitespace_between_tokens() {
+        let out = mode_event(
+            "{\"eventData\": { \"a\" : 1e2,\n \"b\": [ 1.0, 18446744073709551616 ],\
+             \"a\":\"\\u0041 \\/ x\" } , \"eventType\":\"t\",\"eventData\":{\"c\":1}}",
+            Origin::Device(&device(Some(7))),
+        )
+        .unwrap();
+        assert!(out.contains(r#""eventData":{"c":1},"#), "the last eventData: {out}");
+        let out = mode_event(
+            "{\"eventType\":\"t\",\"eventData\": { \"a\" : 1e2,\n \"b\": [ 1.0, 18446744073709551616 ],\
+             \"a\":\"\\u0041 \\/ x\" }}",
+            Origin::Device(&device(Some(7))),
+        )
+        .unwrap();
+        assert!(
+            out.contains(r#""eventData":{"a":1e2,"b":[1.0,18446744073709551616],"a":"\u0041 \/ x"},"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn escaped_top_level_keys_and_event_types_are_decoded() {
+        let out = mode_event(
+            r#"{"event\u0054ype":"\u0074emp","eventData":{}}"#,
+            Origin::Device(&device(Some(7))),
+        )
+        .unwrap();
+        assert!(out.starts_with(r#"{"eventType":"temp","#), "{out}");
     }
 
     #[test]

@@ -23,6 +23,7 @@
 pub mod bulk;
 pub mod error;
 pub mod event;
+mod json;
 pub mod partition;
 pub mod settings;
 pub mod timestamp;
