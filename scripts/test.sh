@@ -22,8 +22,8 @@ step() {
 step "setup"
 bash scripts/setup.sh
 
-step "build the guest component"
-cargo build --release --target wasm32-wasip2 -p ksm-guest
+step "build the guest components (the reference, the SDK example)"
+cargo build --release --target wasm32-wasip2 -p ksm-guest -p ksm-example-low-battery
 
 step "format"
 cargo fmt --all -- --check
@@ -32,7 +32,8 @@ step "clippy (host, tests, guest natively)"
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "clippy (guests for wasm32-wasip2)"
-cargo clippy -p ksm-guest -p ksm-fixture-misbehaving-guest -p ksm-fixture-sockets-guest \
+cargo clippy -p ksm-guest -p ksm-guest-sdk -p ksm-example-low-battery \
+    -p ksm-fixture-misbehaving-guest -p ksm-fixture-sockets-guest \
     -p ksm-fixture-wrong-world-guest --target wasm32-wasip2 -- -D warnings
 
 step "tests (every crate)"
@@ -47,6 +48,10 @@ KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --benc
 cargo bench -p ksm-tests --profile dev --bench aggregate -- --warm-up-time 0.2 --measurement-time 0.5
 KSM_GUEST_WASM="$ROOT/$GUEST_WASM" cargo bench -p ksm-tests --profile dev --bench e2e \
     -- --seconds 2 --warmup 1 --drain-records 20000,100000
+
+step "conformance: the SDK example guest, against its own cases (examples/guest-rust-low-battery)"
+cargo run -p ksm-host -- conformance target/wasm32-wasip2/release/ksm_example_low_battery.wasm \
+    --cases examples/guest-rust-low-battery/conformance
 
 step "conformance: the JavaScript guest (examples/guest-js)"
 bash scripts/build-js-guest.sh

@@ -351,7 +351,10 @@ mod tests {
             Origin::Device(&device(Some(7))),
         )
         .unwrap();
-        assert!(out.contains(r#""eventData":{"c":1},"#), "the last eventData: {out}");
+        assert!(
+            out.contains(r#""eventData":{"c":1},"#),
+            "the last eventData: {out}"
+        );
         let out = mode_event(
             "{\"eventType\":\"t\",\"eventData\": { \"a\" : 1e2,\n \"b\": [ 1.0, 18446744073709551616 ],\
              \"a\":\"\\u0041 \\/ x\" }}",
@@ -359,7 +362,9 @@ mod tests {
         )
         .unwrap();
         assert!(
-            out.contains(r#""eventData":{"a":1e2,"b":[1.0,18446744073709551616],"a":"\u0041 \/ x"},"#),
+            out.contains(
+                r#""eventData":{"a":1e2,"b":[1.0,18446744073709551616],"a":"\u0041 \/ x"},"#
+            ),
             "{out}"
         );
     }

@@ -1,5 +1,6 @@
 //! The reference ksm guest: MODE "smart module" semantics for Kinesis as a
-//! WebAssembly component (`ksm:smart-module@1.0.0`, world `smart-module`).
+//! WebAssembly component (contract 1.1, `ksm:smart-module@1.1.0`, world
+//! `smart-module-batch`, built on the guest SDK `ksm-guest-sdk`).
 //!
 //! It decides which device and home events are forwarded, turns them into
 //! MODE Event JSON, unpacks MessagePack bulk data payloads into records
@@ -14,11 +15,11 @@
 //! - [`timestamp`]: strict RFC 3339 check;
 //! - [`error`]: the error type, mirroring the WIT `error` variant;
 //! - [`Forwarder`] (here): one module instance, tying the above together;
-//! - `component` (wasm32 only): the `wit_bindgen` glue that converts between
-//!   WIT and native types and keeps one [`Forwarder`] per instance.
+//! - `sdk`: [`Forwarder`] as the SDK's `SmartModule`, and conversions
+//!   between this crate's types and the contract's;
+//! - `component` (wasm32 only): the export.
 //!
-//! Everything but `component` is plain Rust, unit-tested natively with
-//! `cargo test -p ksm-guest`.
+//! All of it is plain Rust, unit-tested natively with `cargo test -p ksm-guest`.
 
 pub mod bulk;
 pub mod error;
@@ -28,10 +29,11 @@ pub mod partition;
 pub mod settings;
 pub mod timestamp;
 
-// The generated bindings and `export!` need `unsafe`; our own code has none.
+// The SDK's `export!` expands to `unsafe` glue; our own code has none.
 #[cfg(target_arch = "wasm32")]
 #[allow(unsafe_code)]
 mod component;
+mod sdk;
 
 pub use error::Error;
 pub use event::{DeviceContext, HomeContext};
