@@ -16,8 +16,9 @@
 //! - `kinesis`: what Kinesis allows (record and request limits, key
 //!   checks), the hash that picks a record's shard, and the KPL's aggregated
 //!   record format (`kinesis::aggregate`, public as `aggregate`); a leaf.
-//! - `runtime`, and `bindings` (the `ksm-bindings` crate, in
-//!   `host/bindings`): the wasmtime runtime running the guest component
+//! - `runtime` (the `ksm-runtime` crate, in `host/runtime`) and `bindings`
+//!   (the `ksm-bindings` crate, in `host/bindings`, with the bulk payload
+//!   format as `bulk`): the wasmtime runtime running the guest component
 //!   (`runtime::sandbox`: what a guest may do); `components`: which
 //!   component each module runs, hot swap.
 //! - `module` and `activity`: a module's settings, status, counters and log;
@@ -28,34 +29,30 @@
 //!   configuration and what a failed handshake means.
 //! - `admin` and `admin_client`: the admin HTTP API, and the client the CLI
 //!   uses; `host`: starts and stops all of the above.
-//! - `bulk` and `conformance`: bulk payload encoding and the guest
-//!   conformance suite.
 //!
 //! The public surface is what the `ksm` binary, the tests and guest authors
 //! use: the configuration, the admin API's wire types and client, dead
-//! letters as listed, the guest runtime and bindings, bulk encoding and the
-//! conformance suite.
+//! letters as listed, the guest runtime and bindings, and bulk encoding (the
+//! conformance suite is the `ksm-conformance` crate, in `host/conformance`).
 
 mod activity;
 pub mod admin;
 pub mod admin_client;
-pub mod bulk;
 mod clock;
 mod components;
 pub mod config;
-pub mod conformance;
 mod host;
 mod kinesis;
 mod metrics;
 mod module;
 mod pipeline;
 pub mod preflight;
-pub mod runtime;
 mod store;
 pub mod tls;
 
 pub use config::Config;
 pub use host::{Host, run};
 pub use kinesis::aggregate;
-pub use ksm_bindings as bindings;
+pub use ksm_bindings::{self as bindings, bulk};
+pub use ksm_runtime as runtime;
 pub use store::dead_letter;

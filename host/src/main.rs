@@ -60,25 +60,9 @@ enum Command {
         #[arg(long, global = true)]
         admin: Option<std::net::SocketAddr>,
     },
-    /// Run the conformance cases against a guest component.
-    Conformance {
-        /// The component (.wasm) to check.
-        component: PathBuf,
-        /// Directory of cases (default: the cases built into ksm).
-        #[arg(long)]
-        cases: Option<PathBuf>,
-        /// Time limit of each case, ms (at least 100). Each guest call gets
-        /// 1/18 of it, so that a case cannot take much longer whatever the
-        /// guest does; a case whose guest runs out of it fails, and after 3
-        /// such cases in a row the cases left are not run and count as failed.
-        #[arg(
-            long,
-            value_name = "MS",
-            default_value_t = ksm_host::conformance::DEFAULT_CASE_TIMEOUT_MS,
-            value_parser = clap::value_parser!(u64).range(ksm_host::conformance::MIN_CASE_TIMEOUT_MS..)
-        )]
-        case_timeout_ms: u64,
-    },
+    /// Run the conformance cases against a guest component (as
+    /// `ksm-conformance` does).
+    Conformance(ksm_conformance::Options),
 }
 
 #[derive(Subcommand)]
@@ -205,11 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .context("cannot write to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Conformance {
-            component,
-            cases,
-            case_timeout_ms,
-        } => conformance(&component, cases.as_deref(), case_timeout_ms),
+        Command::Conformance(options) => conformance(&options),
         Command::DeadLetters {
             command,
             config,
@@ -393,32 +373,12 @@ async fn shutdown_signal() {
     let _ = interrupt.await;
 }
 
-/// Runs the conformance cases against a component, each under a time limit
-/// of `case_timeout_ms`, printing each case's line as it finishes and the
-/// summary last; fails if any case fails (or was not run).
-fn conformance(
-    component: &std::path::Path,
-    cases: Option<&std::path::Path>,
-    case_timeout_ms: u64,
-) -> Result<ExitCode> {
-    use ksm_host::conformance;
-    let limit = conformance::CaseLimit::new(std::time::Duration::from_millis(case_timeout_ms));
-    let runner = conformance::Runner::load(component, limit)?;
-    let dir = cases.map_or_else(conformance::default_cases_dir, std::path::Path::to_owned);
-    let cases = conformance::load_cases(&dir)?;
-    let mut stdout = std::io::stdout().lock();
-    // Once stdout fails (a closed pipe), the run goes on silently and ends with the error.
-    let mut written = Ok(());
-    let report = runner.run(&cases, |progress| {
-        if written.is_ok() {
-            written = writeln!(stdout, "{progress}").and_then(|()| stdout.flush());
-        }
-    });
-    written
-        .and_then(|()| writeln!(stdout, "{}", report.summary()))
-        .and_then(|()| stdout.flush())
-        .context("cannot write to stdout")?;
-    Ok(if report.all_passed() {
+/// Runs the conformance cases against a component (`ksm_conformance::run`),
+/// printing each case's line as it finishes and the summary last; fails if
+/// any case that applies fails.
+fn conformance(options: &ksm_conformance::Options) -> Result<ExitCode> {
+    let passed = ksm_conformance::run(options, &mut std::io::stdout().lock())?;
+    Ok(if passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -45,9 +45,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use criterion::{Criterion, Throughput};
+use ksm_conformance::is_uuid_v4;
 use ksm_guest::Forwarder;
 use ksm_host::bindings::types as wit;
-use ksm_host::conformance::is_uuid_v4;
 use ksm_host::runtime::{Answer as GuestAnswer, Guest, Input as GuestInput, Mqtt, Runtime};
 use ksm_tests::artifacts;
 

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ksm_tests::{TempDir, guest_wasm, ksm_binary, misbehaving_guest_wasm, workspace_root};
+use ksm_tests::{
+    TempDir, conformance_binary, guest_wasm, ksm_binary, misbehaving_guest_wasm, workspace_root,
+};
 
 use crate::support::ksm_command;
 
@@ -16,7 +18,7 @@ const HOPELESS_RUN_BOUND: Duration = Duration::from_secs(30);
 /// The shipped case 001, with its settings' `subscribe_events` set to `events` (TOML).
 fn case_with_events(events: &str) -> String {
     let case = std::fs::read_to_string(
-        workspace_root().join("tests/conformance/001-device-event-exact-match/case.toml"),
+        workspace_root().join("tests/conformance/1.0/001-device-event-exact-match/case.toml"),
     )
     .expect("read the shipped case 001");
     let edited = case.replace(
@@ -207,17 +209,98 @@ fn the_reference_guest_passes_conformance() {
     // The default case limit (2 s, each call 1/18 of it).
     let (ok, stdout, stderr) = ksm_command(&["conformance", wasm.to_str().unwrap()]);
     assert!(ok, "{stdout}\n{stderr}");
+    check_full_pass(&stdout);
+}
+
+/// A run of the built-in cases by a 1.1 guest that passed: the contract
+/// line, a line per case (1.0 and 1.1 cases), the cost of each call kind in
+/// both forms, the summary.
+fn check_full_pass(stdout: &str) {
     let lines: Vec<&str> = stdout.lines().collect();
-    let (last, cases) = lines.split_last().expect("some output");
+    let (last, lines) = lines.split_last().expect("some output");
     assert!(last.ends_with(" passed, 0 failed"), "{last}");
     let words: Vec<&str> = last.split(' ').collect();
-    let passed: usize = words[words.len() - 4].parse().unwrap();
-    assert!(passed >= 30, "{passed} cases");
-    assert_eq!(cases.len(), passed, "a line per case, then the summary");
+    let passed: usize = words[words.len() - 4]
+        .parse()
+        .expect("the summary counts passed cases");
+    assert!(passed >= 100, "{passed} cases");
     assert!(
-        cases.iter().all(|line| line.starts_with("ok   ")),
+        lines[0].ends_with(": ksm:smart-module@1.1 (batches)"),
+        "{}",
+        lines[0]
+    );
+    let cases: Vec<&&str> = lines.iter().filter(|l| l.starts_with("ok   ")).collect();
+    assert_eq!(cases.len(), passed, "a line per case:\n{stdout}");
+    assert!(cases.iter().any(|l| l.starts_with("ok   1.0/")), "{stdout}");
+    assert!(
+        cases.iter().any(|l| l.starts_with("ok   1.1/2")),
         "{stdout}"
     );
+    let costs: Vec<&&str> = lines.iter().filter(|l| l.starts_with("cost ")).collect();
+    for kind in ["device-event", "home-event", "bulk-data"] {
+        for form in ["one per call", "batches of 64"] {
+            assert!(
+                costs
+                    .iter()
+                    .any(|l| l.contains(kind) && l.contains(form) && l.contains(" ns per message")),
+                "no {kind} cost {form}:\n{stdout}"
+            );
+        }
+    }
+    assert_eq!(
+        lines.len(),
+        1 + passed + costs.len() + 1,
+        "the contract, the cases, a note on the debug build, the costs:\n{stdout}"
+    );
+}
+
+#[test]
+fn the_standalone_tool_runs_the_built_in_cases_without_the_source_tree() {
+    let dir = TempDir::new("conformance-installed");
+    // Installed: the tool and the guest alone in a directory, run from there.
+    let tool = dir.path().join("ksm-conformance");
+    std::fs::copy(conformance_binary(), &tool).unwrap();
+    std::fs::copy(guest_wasm(), dir.path().join("guest.wasm")).unwrap();
+    let output = Command::new(&tool)
+        .arg("guest.wasm")
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    check_full_pass(&stdout);
+
+    // The built-in cases, written out, are the same suite read from files.
+    let output = Command::new(&tool)
+        .args(["--write-cases", "cases"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        dir.path()
+            .join("cases/1.0/001-device-event-exact-match/case.toml")
+            .is_file()
+    );
+    assert!(
+        dir.path()
+            .join("cases/1.1/200-batch-mixed-kinds-in-order/case.toml")
+            .is_file()
+    );
+    let output = Command::new(&tool)
+        .args(["guest.wasm", "--cases", "cases"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let from_files = String::from_utf8_lossy(&output.stdout);
+    let summary = |text: &str| text.lines().last().unwrap_or_default().to_owned();
+    assert_eq!(summary(&from_files), summary(&stdout));
 }
 
 #[test]
@@ -244,9 +327,10 @@ fn a_guest_whose_configure_loops_is_reported_in_seconds() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(
         lines.len(),
-        10,
-        "8 cases, why the run stopped, the summary:\n{stdout}"
+        11,
+        "the contract, 8 cases, why the run stopped, the summary:\n{stdout}"
     );
+    let lines = &lines[1..];
     for (i, line) in lines[..3].iter().enumerate() {
         let want = format!(
             "FAIL {:03}-configure-loops: ran past the case limit of 2000 ms in configure (",
@@ -309,9 +393,12 @@ fn conformance_prints_each_case_as_it_finishes() {
             }
         }
     });
+    let header = lines_rx.recv_timeout(HOPELESS_RUN_BOUND);
     let first = lines_rx.recv_timeout(HOPELESS_RUN_BOUND);
     let unblocked = write_to_pipe(&fifo, br#"{"eventType":"t","eventData":{}}"#);
     let status = child.wait().unwrap();
+    let header = header.expect("the contract line first");
+    assert!(header.ends_with("(batches)"), "{header}");
     let first = first.expect("the first case's line before the run went on");
     unblocked.expect("the run reads the second case's payload");
     assert!(

@@ -172,6 +172,23 @@ pub fn ksm_binary() -> PathBuf {
     HOST.get_or_init(|| host_binary(false)).clone()
 }
 
+/// The standalone conformance tool, `target/debug/ksm-conformance` (built with
+/// `cargo build -p ksm-conformance` once per test process).
+pub fn conformance_binary() -> PathBuf {
+    static TOOL: OnceLock<PathBuf> = OnceLock::new();
+    TOOL.get_or_init(|| {
+        cargo(&["build", "-p", "ksm-conformance", "--bin", "ksm-conformance"]);
+        let path = target_dir().join("debug").join("ksm-conformance");
+        assert!(
+            path.is_file(),
+            "the conformance build succeeded but {} is missing",
+            path.display()
+        );
+        path
+    })
+    .clone()
+}
+
 /// The host binary in the profile this process was built in: `target/release/ksm` when it
 /// is optimised (`cargo bench`), else as [`ksm_binary`]. For benchmarks, whose figures mean
 /// nothing for a dev build. `KSM_BINARY` overrides it too.

@@ -42,6 +42,8 @@ pub mod v1_1 {
     pub use generated::{SmartModuleBatch, SmartModuleBatchPre};
 }
 
+pub mod bulk;
+
 pub use types::Error as GuestError;
 pub use v1_0::types;
 

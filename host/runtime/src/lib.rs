@@ -37,11 +37,9 @@ use std::time::Duration;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Engine, Store};
 
-use crate::bindings::types::{
-    BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings,
-};
-use crate::bindings::{GuestError, describe, v1_0, v1_1};
 pub use batch::{Answer, Input, Mqtt};
+use ksm_bindings::types::{BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings};
+use ksm_bindings::{GuestError, describe, v1_0, v1_1};
 use sandbox::{EPOCH_TICK, Sandbox};
 pub use sandbox::{GRANTED_IMPORTS, GuestFault, GuestState};
 

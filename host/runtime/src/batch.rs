@@ -6,9 +6,9 @@
 //! guest's answers are turned into them here (its error cases are the 1.0
 //! cases; a shared bulk key is given to every record).
 
-use crate::bindings::GuestError;
-use crate::bindings::types::{BulkOutput, BulkRecord, DeviceContext, HomeContext, KinesisRecord};
-use crate::bindings::v1_1::batch;
+use ksm_bindings::GuestError;
+use ksm_bindings::types::{BulkOutput, BulkRecord, DeviceContext, HomeContext, KinesisRecord};
+use ksm_bindings::v1_1::batch;
 
 /// One message for a guest, borrowing the host's data.
 #[derive(Debug, Clone, Copy)]
@@ -168,7 +168,7 @@ fn bulk_output(bulk: batch::BulkRecords) -> Result<BulkOutput, GuestError> {
         .collect();
     let rejected = refused
         .into_iter()
-        .map(|refused| crate::bindings::types::RejectedRecord {
+        .map(|refused| ksm_bindings::types::RejectedRecord {
             index: refused.index,
             data: refused.data,
             reason: message_error(refused.reason),

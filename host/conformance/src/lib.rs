@@ -1,11 +1,17 @@
 //! The guest conformance suite: cases as data, run against any component
-//! that exports the `ksm:smart-module` world (`ksm conformance GUEST.wasm`).
+//! of the `ksm:smart-module` contract (`ksm-conformance GUEST.wasm`, or
+//! `ksm conformance GUEST.wasm`), through ksm's own runtime and sandbox.
 //!
 //! A case is a directory holding `case.toml` (module settings, one input, the
 //! expected records or error) and any payload files it names. The format is
 //! documented in `tests/conformance/README.md`; [`CaseSpec`] is its schema.
-//! Each case runs on a fresh instance; a case that cannot be read or is
-//! ill-formed fails with the reason, it never aborts the run.
+//! Cases are grouped by the contract version they need (`1.0/`, `1.1/`): a
+//! 1.0 guest skips the 1.1 cases. The cases of `tests/conformance` are built
+//! into the crate ([`built_in_cases`], [`write_built_in_cases`]), so an
+//! installed binary needs no source tree. Each case runs on a fresh
+//! instance, through the call the host makes for one message
+//! ([`Guest::one`]: a batch of one for a 1.1 guest); a case that cannot be
+//! read or is ill-formed fails with the reason, it never aborts the run.
 //!
 //! Each case runs under a time limit ([`CaseLimit`], 2 s by default): every
 //! guest call gets a deadline of 1/[`DEADLINES_PER_CASE`] of it, so that no
@@ -15,7 +21,7 @@
 //! cases left count as failed, so a hopeless guest is reported in seconds.
 //!
 //! # Layout
-//! - [`load_cases`] reads a directory of cases into [`Case`]s;
+//! - [`built_in_cases`] and [`load_cases`] (a directory) give [`Case`]s;
 //! - [`CaseSpec`] and its parts: the `case.toml` schema, with [`CaseSpec::check`]
 //!   for the rules serde cannot express;
 //! - [`Runner`] loads the component under a [`CaseLimit`]; [`Runner::run`] /
@@ -25,15 +31,21 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::bindings::GuestError;
-use crate::bindings::types::{
+use ksm_bindings::types::{
     BulkOutput, DeviceContext, HomeContext, KinesisRecord, ModuleSettings, Span,
 };
-use crate::runtime::{GuestFault, GuestLimits, Runtime, RuntimeError};
+use ksm_bindings::{GuestError, bulk, describe};
+use ksm_runtime::{
+    Answer, Contract, Guest, GuestFault, GuestLimits, Input, Mqtt, Runtime, RuntimeError,
+};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/embedded_cases.rs"));
+}
 
 /// Name of the file describing a case, inside the case's directory.
 pub const CASE_FILE: &str = "case.toml";
@@ -44,15 +56,10 @@ pub const DEFAULT_RECEIVED_AT: &str = "2026-01-01T00:00:00Z";
 /// `max_record_size` of a case that does not set one: Kinesis' 1 MiB.
 pub const DEFAULT_MAX_RECORD_SIZE: u32 = 1_048_576;
 
-/// The cases shipped with ksm, where the source tree has them.
-pub fn default_cases_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/conformance")
-}
-
-/// Why a directory of cases could not be read at all.
+/// Why the suite could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ConformanceError {
-    /// The directory is missing or unreadable.
+    /// A directory of cases is missing or unreadable.
     #[error("cannot read the conformance cases in {dir}: {source}")]
     ReadDir {
         /// The cases directory.
@@ -60,51 +67,171 @@ pub enum ConformanceError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// The built-in cases could not be written out.
+    #[error("cannot write the built-in cases to {path}: {source}")]
+    WriteCases {
+        /// The file being written.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The component could not be loaded.
+    #[error(transparent)]
+    Load(#[from] RuntimeError),
+    /// The report could not be written.
+    #[error("cannot write the report: {0}")]
+    Output(#[from] std::io::Error),
 }
 
-/// One conformance case: its directory and its parsed `case.toml`.
+/// Where a case's files are.
+#[derive(Debug, Clone)]
+pub enum CaseFiles {
+    /// A directory on disk.
+    Dir(PathBuf),
+    /// A built-in case, by its name (`1.0/001-device-event-exact-match`).
+    BuiltIn(String),
+}
+
+impl CaseFiles {
+    /// The bytes of the case's file `name`.
+    fn read(&self, name: &str) -> Result<Vec<u8>, String> {
+        match self {
+            CaseFiles::Dir(dir) => {
+                let path = dir.join(name);
+                std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+            }
+            CaseFiles::BuiltIn(case) => {
+                let wanted = format!("{case}/{name}");
+                embedded::FILES
+                    .iter()
+                    .find(|(file, _)| *file == wanted)
+                    .map(|(_, bytes)| bytes.to_vec())
+                    .ok_or_else(|| format!("the built-in case {case} has no file {name}"))
+            }
+        }
+    }
+}
+
+/// One conformance case: its name, files, contract version and parsed
+/// `case.toml`.
 #[derive(Debug)]
 pub struct Case {
-    /// Directory name, e.g. `001-device-event-exact-match`.
+    /// The case's name: its directory's, after its version group's
+    /// (`1.0/001-device-event-exact-match`; no group for an ungrouped case).
     pub name: String,
-    /// The case's directory; payload files are read relative to it.
-    pub dir: PathBuf,
+    /// Where its files are.
+    pub files: CaseFiles,
+    /// The contract version a guest must speak for the case to apply.
+    pub needs: Contract,
     /// The parsed and checked case, or why it is unusable.
     pub spec: Result<CaseSpec, String>,
 }
 
-/// Reads every subdirectory of `dir` as a case, sorted by name. Plain files
-/// (such as the README) are skipped; a subdirectory without a readable,
-/// well-formed `case.toml` becomes a case whose `spec` is the error.
-pub fn load_cases(dir: &Path) -> Result<Vec<Case>, ConformanceError> {
-    let read_dir_error = |source| ConformanceError::ReadDir {
-        dir: dir.to_owned(),
-        source,
-    };
-    let mut cases = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
-        let entry = entry.map_err(read_dir_error)?;
-        let path = entry.path();
-        if !path.is_dir() {
-            continue;
+/// The contract version a group directory stands for.
+fn group_contract(name: &str) -> Option<Contract> {
+    match name {
+        "1.0" => Some(Contract::V1_0),
+        "1.1" => Some(Contract::V1_1),
+        _ => None,
+    }
+}
+
+/// The cases built into the crate (`tests/conformance` when it was built),
+/// in name order.
+pub fn built_in_cases() -> Vec<Case> {
+    let mut names: Vec<&str> = embedded::FILES
+        .iter()
+        .filter_map(|(file, _)| file.strip_suffix(&format!("/{CASE_FILE}")))
+        .collect();
+    names.sort_unstable();
+    names
+        .into_iter()
+        .map(|name| {
+            let files = CaseFiles::BuiltIn(name.to_owned());
+            let spec = files
+                .read(CASE_FILE)
+                .and_then(|bytes| String::from_utf8(bytes).map_err(|e| e.to_string()))
+                .and_then(|text| CaseSpec::parse(&text));
+            let needs = name
+                .split_once('/')
+                .and_then(|(group, _)| group_contract(group))
+                .unwrap_or(Contract::V1_0);
+            Case {
+                name: name.to_owned(),
+                files,
+                needs,
+                spec,
+            }
+        })
+        .collect()
+}
+
+/// Writes the built-in cases into `dir` as files (`dir/1.0/001-…/case.toml`
+/// and the files they name), to read or to start a suite of one's own.
+/// Returns how many files it wrote.
+pub fn write_built_in_cases(dir: &Path) -> Result<usize, ConformanceError> {
+    for (name, bytes) in embedded::FILES {
+        let path = dir.join(name);
+        let write_error = |source| ConformanceError::WriteCases {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(write_error)?;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let spec = load_spec(&path.join(CASE_FILE));
-        cases.push(Case {
-            name,
-            dir: path,
-            spec,
-        });
+        std::fs::write(&path, bytes).map_err(write_error)?;
+    }
+    Ok(embedded::FILES.len())
+}
+
+/// Reads the cases in `dir`, sorted by name: each subdirectory is a case
+/// (for contract 1.0), except a group `1.0` or `1.1`, whose subdirectories
+/// are cases for that version. Plain files (such as a README) are skipped; a
+/// directory without a readable, well-formed `case.toml` becomes a case
+/// whose `spec` is the error.
+pub fn load_cases(dir: &Path) -> Result<Vec<Case>, ConformanceError> {
+    let mut cases = Vec::new();
+    for (name, path) in subdirectories(dir)? {
+        match group_contract(&name) {
+            Some(needs) => {
+                for (case, path) in subdirectories(&path)? {
+                    cases.push(load_case(format!("{name}/{case}"), path, needs));
+                }
+            }
+            None => cases.push(load_case(name, path, Contract::V1_0)),
+        }
     }
     cases.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(cases)
 }
 
-/// Reads, parses and checks one `case.toml`.
-pub fn load_spec(path: &Path) -> Result<CaseSpec, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    CaseSpec::parse(&text)
+fn subdirectories(dir: &Path) -> Result<Vec<(String, PathBuf)>, ConformanceError> {
+    let read_dir_error = |source| ConformanceError::ReadDir {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(read_dir_error)? {
+        let entry = entry.map_err(read_dir_error)?;
+        let path = entry.path();
+        if path.is_dir() {
+            found.push((entry.file_name().to_string_lossy().into_owned(), path));
+        }
+    }
+    Ok(found)
+}
+
+fn load_case(name: String, dir: PathBuf, needs: Contract) -> Case {
+    let path = dir.join(CASE_FILE);
+    let spec = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        .and_then(|text| CaseSpec::parse(&text));
+    Case {
+        name,
+        files: CaseFiles::Dir(dir),
+        needs,
+        spec,
+    }
 }
 
 /// A `case.toml`: what the module is, what it gets, what must come out.
@@ -118,6 +245,8 @@ pub struct CaseSpec {
     pub settings: SettingsSpec,
     /// The one handler call; absent: the case only checks `configure`.
     pub input: Option<InputSpec>,
+    /// Or the messages of one batch, in order (contract 1.1 cases).
+    pub batch: Option<Vec<InputSpec>>,
     /// What the guest must answer.
     pub expect: ExpectSpec,
 }
@@ -255,6 +384,9 @@ pub struct ExpectSpec {
     pub rejected: Option<Vec<ExpectRejected>>,
     /// The error of the call (or of `configure`).
     pub error: Option<ExpectError>,
+    /// For a batch: what each message must get, in order (each with
+    /// records or error, as a single call's).
+    pub outcomes: Option<Vec<ExpectSpec>>,
 }
 
 /// One expected record.
@@ -362,40 +494,90 @@ impl CaseSpec {
         if let Some(input) = &self.input {
             input.check(&mut problems);
         }
-        let expect = &self.expect;
-        match (&expect.records, &expect.error) {
-            (Some(_), Some(_)) => problems.push("expect: give records or error, not both".into()),
-            (None, None) => problems.push("expect: give records (maybe empty) or error".into()),
-            _ => {}
-        }
-        if expect.rejected.is_some() {
-            if expect.error.is_some() {
-                problems.push("expect: rejected goes with records, not error".into());
+        match (&self.batch, &self.expect.outcomes) {
+            (Some(_), _) if self.input.is_some() => {
+                problems.push("give input or batch, not both".into());
             }
-            if self.input.as_ref().map(|i| i.kind) != Some(InputKind::BulkData) {
-                problems.push("expect.rejected: only bulk-data inputs reject records".into());
+            (Some(batch), Some(outcomes)) => {
+                if batch.is_empty() {
+                    problems.push("batch: give at least one message".into());
+                }
+                if outcomes.len() != batch.len() {
+                    problems.push(format!(
+                        "expect.outcomes: one per batch message ({} messages, {} outcomes)",
+                        batch.len(),
+                        outcomes.len()
+                    ));
+                }
+                let e = &self.expect;
+                if e.records.is_some() || e.rejected.is_some() || e.error.is_some() {
+                    problems.push("expect: a batch's answers go in expect.outcomes".into());
+                }
+                for (i, (input, outcome)) in batch.iter().zip(outcomes).enumerate() {
+                    input.check(&mut problems);
+                    check_expect(
+                        outcome,
+                        Some(input),
+                        &format!("expect.outcomes[{i}]"),
+                        &mut problems,
+                    );
+                }
             }
-        }
-        if self.input.is_none() && expect.records.as_ref().is_some_and(|r| !r.is_empty()) {
-            problems.push("expect.records: a case without input produces no records".into());
-        }
-        let bulk = self.input.as_ref().map(|i| i.kind) == Some(InputKind::BulkData);
-        for (i, record) in expect.records.iter().flatten().enumerate() {
-            record.check(&format!("expect.records[{i}]"), bulk, &mut problems);
-        }
-        for (i, rejected) in expect.rejected.iter().flatten().enumerate() {
-            rejected
-                .error
-                .check(&format!("expect.rejected[{i}].error"), &mut problems);
-        }
-        if let Some(error) = &expect.error {
-            error.check("expect.error", &mut problems);
+            (Some(_), None) => problems.push("expect.outcomes: required with a batch".into()),
+            (None, Some(_)) => problems.push("expect.outcomes: only with a batch".into()),
+            (None, None) => {
+                check_expect(&self.expect, self.input.as_ref(), "expect", &mut problems)
+            }
         }
         if problems.is_empty() {
             Ok(())
         } else {
             Err(problems)
         }
+    }
+}
+
+/// Checks one expectation (`at` names it in problems) of a call with `input`.
+fn check_expect(
+    expect: &ExpectSpec,
+    input: Option<&InputSpec>,
+    at: &str,
+    problems: &mut Vec<String>,
+) {
+    match (&expect.records, &expect.error) {
+        (Some(_), Some(_)) => problems.push(format!("{at}: give records or error, not both")),
+        (None, None) => problems.push(format!("{at}: give records (maybe empty) or error")),
+        _ => {}
+    }
+    let bulk = input.map(|i| i.kind) == Some(InputKind::BulkData);
+    if expect.rejected.is_some() {
+        if expect.error.is_some() {
+            problems.push(format!("{at}: rejected goes with records, not error"));
+        }
+        if !bulk {
+            problems.push(format!(
+                "{at}.rejected: only bulk-data inputs reject records"
+            ));
+        }
+    }
+    if input.is_none() && expect.records.as_ref().is_some_and(|r| !r.is_empty()) {
+        problems.push(format!(
+            "{at}.records: a case without input produces no records"
+        ));
+    }
+    if expect.outcomes.is_some() && at != "expect" {
+        problems.push(format!("{at}.outcomes: outcomes do not nest"));
+    }
+    for (i, record) in expect.records.iter().flatten().enumerate() {
+        record.check(&format!("{at}.records[{i}]"), bulk, problems);
+    }
+    for (i, rejected) in expect.rejected.iter().flatten().enumerate() {
+        rejected
+            .error
+            .check(&format!("{at}.rejected[{i}].error"), problems);
+    }
+    if let Some(error) = &expect.error {
+        error.check(&format!("{at}.error"), problems);
     }
 }
 
@@ -461,8 +643,8 @@ impl InputSpec {
         }
     }
 
-    /// The payload bytes, reading files relative to `dir`.
-    pub fn payload(&self, dir: &Path) -> Result<Vec<u8>, String> {
+    /// The payload bytes, reading the case's files from `files`.
+    pub fn payload(&self, files: &CaseFiles) -> Result<Vec<u8>, String> {
         if let Some(text) = &self.payload {
             return Ok(text.as_bytes().to_vec());
         }
@@ -470,13 +652,13 @@ impl InputSpec {
             return decode_hex(hex);
         }
         if let Some(file) = &self.payload_file {
-            return read_case_file(dir, file);
+            return files.read(file);
         }
         if let Some(parts) = &self.payload_parts {
             let mut payload = Vec::new();
             for part in parts {
                 for n in 0..part.repeat.unwrap_or(1) {
-                    payload.extend(part.bytes(dir, part.repeat.map(|_| n))?);
+                    payload.extend(part.bytes(files, part.repeat.map(|_| n))?);
                 }
             }
             return Ok(payload);
@@ -485,11 +667,11 @@ impl InputSpec {
             let mut records = Vec::new();
             for chunk in &bulk.records {
                 for n in 0..chunk.repeat.unwrap_or(1) {
-                    records.push(chunk.bytes(dir, chunk.repeat.map(|_| n))?);
+                    records.push(chunk.bytes(files, chunk.repeat.map(|_| n))?);
                 }
             }
-            let version = bulk.version.as_deref().unwrap_or(crate::bulk::VERSION);
-            let mut payload = crate::bulk::encode_version(version, &records);
+            let version = bulk.version.as_deref().unwrap_or(bulk::VERSION);
+            let mut payload = bulk::encode_version(version, &records);
             if let Some(hex) = &bulk.trailer_hex {
                 payload.extend(decode_hex(hex)?);
             }
@@ -519,7 +701,7 @@ impl Chunk {
     }
 
     /// The chunk's bytes; `n` is the repetition index when `repeat` is set.
-    fn bytes(&self, dir: &Path, n: Option<usize>) -> Result<Vec<u8>, String> {
+    fn bytes(&self, files: &CaseFiles, n: Option<usize>) -> Result<Vec<u8>, String> {
         if let Some(text) = &self.text {
             return Ok(expand(text, n).into_bytes());
         }
@@ -530,7 +712,7 @@ impl Chunk {
             return Ok(vec![fill; len]);
         }
         if let Some(file) = &self.file {
-            return read_case_file(dir, file);
+            return files.read(file);
         }
         Err("chunk has no bytes".into())
     }
@@ -608,7 +790,7 @@ impl ExpectError {
             return Err(format!(
                 "expected a {} error, got {}",
                 self.kind,
-                crate::bindings::describe(actual)
+                describe(actual)
             ));
         }
         diff(&mut diffs, "found", self.found.as_ref(), found.as_ref());
@@ -623,7 +805,7 @@ impl ExpectError {
             Err(format!(
                 "{kind} error differs: {} ({})",
                 diffs.join(", "),
-                crate::bindings::describe(actual)
+                describe(actual)
             ))
         }
     }
@@ -804,12 +986,15 @@ pub enum Verdict {
     OutOfTime(String),
     /// The run stopped before this case ([`EarlyStop`]).
     NotRun,
+    /// The case does not apply to the guest (it needs a later contract
+    /// version): why.
+    Skipped(String),
 }
 
 /// How one case went.
 #[derive(Debug, Clone)]
 pub struct CaseOutcome {
-    /// The case's directory name.
+    /// The case's name.
     pub name: String,
     /// The case's description (empty when it could not be read or was not run).
     pub description: String,
@@ -833,6 +1018,7 @@ impl fmt::Display for CaseOutcome {
                 write!(f, "FAIL {}: {reason}", self.name)
             }
             Verdict::NotRun => write!(f, "FAIL {}: not run", self.name),
+            Verdict::Skipped(reason) => write!(f, "skip {}: {reason}", self.name),
         }
     }
 }
@@ -893,20 +1079,33 @@ impl Report {
         self.outcomes.iter().filter(|o| o.passed()).count()
     }
 
+    /// Number of cases that do not apply to the guest.
+    pub fn skipped(&self) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| matches!(o.verdict, Verdict::Skipped(_)))
+            .count()
+    }
+
     /// Number of cases that failed or were not run.
     pub fn failed(&self) -> usize {
-        self.outcomes.len() - self.passed()
+        self.outcomes.len() - self.passed() - self.skipped()
     }
 
-    /// Whether every case passed (and there was at least one).
+    /// Whether every case that applies passed (and at least one did).
     pub fn all_passed(&self) -> bool {
-        !self.outcomes.is_empty() && self.failed() == 0
+        self.passed() > 0 && self.failed() == 0
     }
 
-    /// The last line of a run: `conformance: N passed, M failed`.
+    /// The last line of a run: `conformance: N passed, M failed`, and how
+    /// many were skipped if any were.
     pub fn summary(&self) -> String {
+        let skipped = match self.skipped() {
+            0 => String::new(),
+            n => format!(", {n} skipped (for a later contract version)"),
+        };
         format!(
-            "conformance: {} passed, {} failed",
+            "conformance: {} passed, {} failed{skipped}",
             self.passed(),
             self.failed()
         )
@@ -956,6 +1155,18 @@ impl Runner {
                 report.stopped = Some(stop);
                 break;
             }
+            if case.needs == Contract::V1_1 && self.runtime.contract() == Contract::V1_0 {
+                let outcome = CaseOutcome {
+                    name: case.name.clone(),
+                    description: String::new(),
+                    verdict: Verdict::Skipped(
+                        "a contract 1.1 case; the guest speaks 1.0".to_owned(),
+                    ),
+                };
+                progress(Progress::Case(&outcome));
+                report.outcomes.push(outcome);
+                continue;
+            }
             let outcome = self.run_case(case);
             match outcome.verdict {
                 Verdict::OutOfTime(_) => streak += 1,
@@ -971,7 +1182,7 @@ impl Runner {
     /// Runs one case on a fresh instance.
     pub fn run_case(&self, case: &Case) -> CaseOutcome {
         let (description, result) = match &case.spec {
-            Ok(spec) => (spec.description.clone(), self.run_spec(spec, &case.dir)),
+            Ok(spec) => (spec.description.clone(), self.run_spec(spec, &case.files)),
             Err(reason) => (String::new(), Err(CaseError::Failed(reason.clone()))),
         };
         CaseOutcome {
@@ -985,40 +1196,74 @@ impl Runner {
         }
     }
 
-    fn run_spec(&self, spec: &CaseSpec, dir: &Path) -> Result<(), CaseError> {
+    fn run_spec(&self, spec: &CaseSpec, files: &CaseFiles) -> Result<(), CaseError> {
+        if let Some(batch) = &spec.batch {
+            return self.run_batch(spec, batch, files);
+        }
         let payload = match &spec.input {
-            Some(input) => Some(input.payload(dir)?),
+            Some(input) => Some(input.payload(files)?),
             None => None,
         };
         let answer = self.call(spec, payload)?;
-        let expect = &spec.expect;
-        let compared = match (answer, &expect.error) {
-            (Err(actual), Some(expected)) => expected.compare(&actual),
-            (Err(actual), None) => Err(format!(
-                "expected records, got a {} error: {}",
-                error_fields(&actual).0,
-                crate::bindings::describe(&actual)
-            )),
-            (Ok(output), Some(expected)) => Err(format!(
-                "expected a {} error, got {}",
-                expected.kind,
-                match output {
-                    Output::Configured => "a successful configure".to_owned(),
-                    Output::Records(r) => format!("{} record(s)", r.len()),
-                    Output::Bulk(b, _) => format!(
-                        "{} record(s) and {} rejected",
-                        b.records.len(),
-                        b.rejected.len()
-                    ),
-                }
-            )),
-            (Ok(output), None) => {
-                let records = expand_records(expect.records.as_deref().unwrap_or_default());
-                let rejected = expect.rejected.as_deref().unwrap_or_default();
-                compare_output(&output, &records, rejected, dir)
+        Ok(compare_answer(answer, &spec.expect, files)?)
+    }
+
+    /// Runs a batch case: one `Guest::handle` call, as the router makes for
+    /// a run of messages; a 1.1 guest must answer it in one batch call.
+    fn run_batch(
+        &self,
+        spec: &CaseSpec,
+        batch: &[InputSpec],
+        files: &CaseFiles,
+    ) -> Result<(), CaseError> {
+        let mut messages = Vec::with_capacity(batch.len());
+        for input in batch {
+            messages.push(CaseMessage::new(input, input.payload(files)?));
+        }
+        let mut guest = match self
+            .runtime
+            .instantiate(&spec.settings.to_module_settings())
+        {
+            Ok(guest) => guest,
+            Err(RuntimeError::Settings(e)) => {
+                return Err(CaseError::Failed(format!(
+                    "configure refused the settings: {}",
+                    describe(&e)
+                )));
             }
+            Err(e) => return Err(self.runtime_error("configure", e)),
         };
-        Ok(compared?)
+        let inputs: Vec<Input<'_>> = messages.iter().map(CaseMessage::input).collect();
+        let handled = guest.handle(&inputs);
+        if let Some(reason) = handled.batch_failed {
+            return Err(CaseError::Failed(format!(
+                "the batch call failed, so the host ran its messages one by one: {reason}"
+            )));
+        }
+        if self.runtime.contract() == Contract::V1_1 && handled.calls != 1 {
+            return Err(CaseError::Failed(format!(
+                "{} guest calls for a batch of {} messages (one is the contract)",
+                handled.calls,
+                inputs.len()
+            )));
+        }
+        let outcomes = spec.expect.outcomes.as_deref().unwrap_or_default();
+        for (i, ((answer, message), expect)) in handled
+            .answers
+            .into_iter()
+            .zip(messages)
+            .zip(outcomes)
+            .enumerate()
+        {
+            let answer = answer.map_err(|e| self.runtime_error("a batch", e))?;
+            let answer = answer.map(|answer| match answer {
+                Answer::Records(records) => Output::Records(records),
+                Answer::Bulk(output) => Output::Bulk(output, message.payload),
+            });
+            compare_answer(answer, expect, files)
+                .map_err(|reason| CaseError::Failed(format!("message {i}: {reason}")))?;
+        }
+        Ok(())
     }
 
     /// Instantiates (configuring) and makes the case's one call. The outer
@@ -1039,45 +1284,19 @@ impl Runner {
         let (Some(input), Some(payload)) = (&spec.input, payload) else {
             return Ok(Ok(Output::Configured));
         };
-        let received_at = input
-            .received_at
-            .clone()
-            .unwrap_or_else(|| DEFAULT_RECEIVED_AT.to_owned());
-        // `check` guarantees the required IDs; 0 is never used.
-        Ok(match input.kind {
-            InputKind::DeviceEvent => {
-                let context = DeviceContext {
-                    device_id: input.device_id.unwrap_or_default(),
-                    home_id: input.home_id,
-                    device_class: input.device_class.clone(),
-                    device_ip: input.device_ip.clone(),
-                    received_at,
-                };
-                guest
-                    .device_event(&context, &payload)
-                    .map_err(|e| self.runtime_error("handle-device-event", e))?
-                    .map(Output::Records)
-            }
-            InputKind::HomeEvent => {
-                let context = HomeContext {
-                    home_id: input.home_id.unwrap_or_default(),
-                    project_key_id: input.project_key_id.clone(),
-                    project_key_name: input.project_key_name.clone(),
-                    received_at,
-                };
-                guest
-                    .home_event(&context, &payload)
-                    .map_err(|e| self.runtime_error("handle-home-event", e))?
-                    .map(Output::Records)
-            }
-            InputKind::BulkData => {
-                let label = input.label.as_deref().unwrap_or_default();
-                guest
-                    .bulk_data(input.device_id.unwrap_or_default(), label, &payload)
-                    .map_err(|e| self.runtime_error("handle-bulk-data", e))?
-                    .map(|out| Output::Bulk(out, payload))
-            }
-        })
+        let message = CaseMessage::new(input, payload);
+        let phase = match input.kind {
+            InputKind::DeviceEvent => "a device event",
+            InputKind::HomeEvent => "a home event",
+            InputKind::BulkData => "bulk data",
+        };
+        let answer = guest
+            .one(&message.input())
+            .map_err(|e| self.runtime_error(phase, e))?;
+        Ok(answer.map(|answer| match answer {
+            Answer::Records(records) => Output::Records(records),
+            Answer::Bulk(output) => Output::Bulk(output, message.payload),
+        }))
     }
 
     /// A runtime failure during `phase` (the WIT function) as the case's
@@ -1098,6 +1317,80 @@ impl Runner {
             ))
         } else {
             CaseError::Failed(format!("runtime, in {phase}: {error}"))
+        }
+    }
+}
+
+/// A case's input as the host would hand it to a guest: its context, its
+/// payload and the MQTT topic it would have come on.
+struct CaseMessage {
+    kind: InputKind,
+    device: DeviceContext,
+    home: HomeContext,
+    label: String,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+impl CaseMessage {
+    fn new(input: &InputSpec, payload: Vec<u8>) -> Self {
+        let received_at = input
+            .received_at
+            .clone()
+            .unwrap_or_else(|| DEFAULT_RECEIVED_AT.to_owned());
+        // `check` guarantees the IDs each kind needs; 0 is never used.
+        let device_id = input.device_id.unwrap_or_default();
+        let home_id = input.home_id.unwrap_or_default();
+        let label = input.label.clone().unwrap_or_default();
+        let topic = match input.kind {
+            InputKind::DeviceEvent => format!("/devices/{device_id}/event"),
+            InputKind::HomeEvent => format!("/homes/{home_id}/event"),
+            InputKind::BulkData => format!("/devices/{device_id}/bulkData/{label}"),
+        };
+        CaseMessage {
+            kind: input.kind,
+            device: DeviceContext {
+                device_id,
+                home_id: input.home_id,
+                device_class: input.device_class.clone(),
+                device_ip: input.device_ip.clone(),
+                received_at: received_at.clone(),
+            },
+            home: HomeContext {
+                home_id,
+                project_key_id: input.project_key_id.clone(),
+                project_key_name: input.project_key_name.clone(),
+                received_at,
+            },
+            label,
+            topic,
+            payload,
+        }
+    }
+
+    fn input(&self) -> Input<'_> {
+        let mqtt = Mqtt {
+            topic: &self.topic,
+            content_type: None,
+            user_properties: &[],
+        };
+        match self.kind {
+            InputKind::DeviceEvent => Input::DeviceEvent {
+                context: &self.device,
+                payload: &self.payload,
+                mqtt,
+            },
+            InputKind::HomeEvent => Input::HomeEvent {
+                context: &self.home,
+                payload: &self.payload,
+                mqtt,
+            },
+            InputKind::BulkData => Input::BulkData {
+                device_id: self.device.device_id,
+                label: &self.label,
+                payload: &self.payload,
+                mqtt,
+            },
         }
     }
 }
@@ -1146,11 +1439,45 @@ struct Actual<'a> {
     explicit_hash_key: Option<&'a str>,
 }
 
+/// Compares a call's answer (or `configure`'s) with what the case expects.
+fn compare_answer(
+    answer: Result<Output, GuestError>,
+    expect: &ExpectSpec,
+    files: &CaseFiles,
+) -> Result<(), String> {
+    match (answer, &expect.error) {
+        (Err(actual), Some(expected)) => expected.compare(&actual),
+        (Err(actual), None) => Err(format!(
+            "expected records, got a {} error: {}",
+            error_fields(&actual).0,
+            describe(&actual)
+        )),
+        (Ok(output), Some(expected)) => Err(format!(
+            "expected a {} error, got {}",
+            expected.kind,
+            match output {
+                Output::Configured => "a successful configure".to_owned(),
+                Output::Records(r) => format!("{} record(s)", r.len()),
+                Output::Bulk(b, _) => format!(
+                    "{} record(s) and {} rejected",
+                    b.records.len(),
+                    b.rejected.len()
+                ),
+            }
+        )),
+        (Ok(output), None) => {
+            let records = expand_records(expect.records.as_deref().unwrap_or_default());
+            let rejected = expect.rejected.as_deref().unwrap_or_default();
+            compare_output(&output, &records, rejected, files)
+        }
+    }
+}
+
 fn compare_output(
     output: &Output,
     expected: &[(&ExpectRecord, Option<usize>)],
     rejected: &[ExpectRejected],
-    dir: &Path,
+    files: &CaseFiles,
 ) -> Result<(), String> {
     let actual: Vec<Actual<'_>> = match output {
         Output::Configured => Vec::new(),
@@ -1185,7 +1512,7 @@ fn compare_output(
     }
     let mut uuids = HashSet::new();
     for (i, (actual, (expected, n))) in actual.iter().zip(expected).enumerate() {
-        compare_record(actual, expected, *n, dir, &mut uuids)
+        compare_record(actual, expected, *n, files, &mut uuids)
             .map_err(|e| format!("record {i}: {e}"))?;
     }
     let actual_rejected = match output {
@@ -1205,7 +1532,7 @@ fn compare_output(
             actual_rejected.len(),
             actual_rejected
                 .iter()
-                .map(|r| format!("; {}: {}", r.index, crate::bindings::describe(&r.reason)))
+                .map(|r| format!("; {}: {}", r.index, describe(&r.reason)))
                 .collect::<String>()
         ));
     }
@@ -1244,7 +1571,7 @@ fn compare_record(
     actual: &Actual<'_>,
     expected: &ExpectRecord,
     n: Option<usize>,
-    dir: &Path,
+    files: &CaseFiles,
     uuids: &mut HashSet<String>,
 ) -> Result<(), String> {
     if let Some(key) = &expected.partition_key
@@ -1309,7 +1636,7 @@ fn compare_record(
     } else if let (Some(fill), Some(len)) = (expected.data_fill, expected.data_len) {
         Some(vec![fill; len])
     } else if let Some(file) = &expected.data_file {
-        Some(read_case_file(dir, file)?)
+        Some(files.read(file)?)
     } else {
         None
     };
@@ -1356,12 +1683,6 @@ fn expand(text: &str, n: Option<usize>) -> String {
         Some(n) => text.replace("{n}", &n.to_string()),
         None => text.to_owned(),
     }
-}
-
-/// Reads a file named in a case, relative to the case's directory.
-fn read_case_file(dir: &Path, name: &str) -> Result<Vec<u8>, String> {
-    let path = dir.join(name);
-    std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Decodes hex digits (either case), ignoring ASCII whitespace.
@@ -1553,6 +1874,238 @@ impl<'de> serde::de::Visitor<'de> for OrderedJsonVisitor {
     }
 }
 
+/// How long the cost of one kind of call is measured, per form (one
+/// message per call; batches).
+const COST_TIME: Duration = Duration::from_millis(200);
+
+/// Messages per batch call when measuring a 1.1 guest's batches.
+pub const COST_BATCH: usize = 64;
+
+/// What one kind of call costs a guest: the mean over repeated calls on one
+/// warm instance, configured with a case's settings, taking that case's
+/// input.
+#[derive(Debug, Clone)]
+pub struct Cost {
+    /// The input's kind.
+    pub kind: InputKind,
+    /// The case whose input was measured.
+    pub case: String,
+    /// Messages per call: 1, or [`COST_BATCH`] for a batch.
+    pub batch: usize,
+    /// Records one message gives.
+    pub records: usize,
+    /// Messages handled while measuring.
+    pub messages: u64,
+    /// Mean time per message.
+    pub per_message: Duration,
+}
+
+/// `cost  device-event  2.9 µs per message, 2.9 µs per record (…)`.
+impl fmt::Display for Cost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            InputKind::DeviceEvent => "device-event",
+            InputKind::HomeEvent => "home-event",
+            InputKind::BulkData => "bulk-data",
+        };
+        let form = match self.batch {
+            1 => "one per call".to_owned(),
+            n => format!("batches of {n}"),
+        };
+        let ns = self.per_message.as_secs_f64() * 1e9;
+        write!(f, "cost {kind:<12} {form:<14} {ns:>10.0} ns per message")?;
+        if self.records > 0 {
+            write!(f, ", {:>8.1} ns per record", ns / self.records as f64)?;
+        }
+        write!(
+            f,
+            " ({}: {} record(s) per message, {} messages)",
+            self.case, self.records, self.messages
+        )
+    }
+}
+
+impl Runner {
+    /// What each kind of call costs the guest, measured on one passed case
+    /// per kind (for events one giving a record, for bulk data the one with
+    /// most records among payloads up to 64 KiB), one message per call and,
+    /// for a 1.1 guest, in batches of [`COST_BATCH`].
+    pub fn costs(&self, cases: &[Case], report: &Report) -> Vec<Cost> {
+        let mut costs = Vec::new();
+        for kind in [
+            InputKind::DeviceEvent,
+            InputKind::HomeEvent,
+            InputKind::BulkData,
+        ] {
+            let Some((case, message, records)) = self.cost_case(cases, report, kind) else {
+                continue;
+            };
+            let mut batches = vec![1];
+            if self.runtime.contract() == Contract::V1_1 {
+                batches.push(COST_BATCH);
+            }
+            for batch in batches {
+                if let Some((messages, per_message)) = self.measure(case, &message, batch) {
+                    costs.push(Cost {
+                        kind,
+                        case: case.name.clone(),
+                        batch,
+                        records,
+                        messages,
+                        per_message,
+                    });
+                }
+            }
+        }
+        costs
+    }
+
+    /// The case measured for `kind`, its message and its records per message.
+    fn cost_case<'a>(
+        &self,
+        cases: &'a [Case],
+        report: &Report,
+        kind: InputKind,
+    ) -> Option<(&'a Case, CaseMessage, usize)> {
+        let mut best: Option<(&Case, CaseMessage, usize)> = None;
+        for (case, outcome) in cases.iter().zip(&report.outcomes) {
+            let Ok(spec) = &case.spec else { continue };
+            let Some(input) = spec.input.as_ref().filter(|i| i.kind == kind) else {
+                continue;
+            };
+            if !outcome.passed() || spec.expect.error.is_some() {
+                continue;
+            }
+            let Ok(payload) = input.payload(&case.files) else {
+                continue;
+            };
+            if payload.len() > 64 * 1024 {
+                continue;
+            }
+            let records = match spec.expect.records.as_deref() {
+                Some(records) => records.iter().map(|r| r.repeat.unwrap_or(1)).sum(),
+                None => 0,
+            };
+            let better = match (&best, kind) {
+                (None, _) => records > 0,
+                (Some((_, _, most)), InputKind::BulkData) => records > *most,
+                (Some(_), _) => false,
+            };
+            if better {
+                best = Some((case, CaseMessage::new(input, payload), records));
+            }
+        }
+        best
+    }
+
+    /// Calls the guest with `batch` copies of `message` per call for
+    /// [`COST_TIME`] after a warm-up: messages handled and mean time per
+    /// message, or `None` if a call failed.
+    fn measure(&self, case: &Case, message: &CaseMessage, batch: usize) -> Option<(u64, Duration)> {
+        let settings = case.spec.as_ref().ok()?.settings.to_module_settings();
+        let mut guest = self.runtime.instantiate(&settings).ok()?;
+        let inputs = vec![message.input(); batch];
+        let call = |guest: &mut Guest| -> Option<()> {
+            if batch == 1 {
+                guest.one(&inputs[0]).ok()?.ok().map(drop)
+            } else {
+                let handled = guest.handle(&inputs);
+                let clean = handled.batch_failed.is_none()
+                    && handled.answers.iter().all(|a| matches!(a, Ok(Ok(_))));
+                clean.then_some(())
+            }
+        };
+        for _ in 0..3 {
+            call(&mut guest)?;
+        }
+        let start = Instant::now();
+        let mut messages = 0u64;
+        while start.elapsed() < COST_TIME {
+            call(&mut guest)?;
+            messages += batch as u64;
+        }
+        Some((messages, start.elapsed() / u32::try_from(messages).ok()?))
+    }
+}
+
+/// What to run: the command line of `ksm-conformance` and of
+/// `ksm conformance`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// The component (.wasm) to check.
+    #[arg(required_unless_present = "write_cases")]
+    pub component: Option<PathBuf>,
+    /// Directory of cases (default: the cases built in).
+    #[arg(long, value_name = "DIR")]
+    pub cases: Option<PathBuf>,
+    /// Time limit of each case, ms (at least 100). Each guest call gets
+    /// 1/18 of it, so that a case cannot take much longer whatever the
+    /// guest does; a case whose guest runs out of it fails, and after 3
+    /// such cases in a row the cases left are not run and count as failed.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = DEFAULT_CASE_TIMEOUT_MS,
+        value_parser = clap::value_parser!(u64).range(MIN_CASE_TIMEOUT_MS..)
+    )]
+    pub case_timeout_ms: u64,
+    /// Write the built-in cases into DIR as files, and run nothing.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["component", "cases"])]
+    pub write_cases: Option<PathBuf>,
+}
+
+/// Runs what `options` say, writing each case's line to `out` as it
+/// finishes, then the guest's cost per call kind, then the summary line.
+/// True if every case that applies passed (or cases were written).
+pub fn run(options: &Options, out: &mut impl std::io::Write) -> Result<bool, ConformanceError> {
+    if let Some(dir) = &options.write_cases {
+        let written = write_built_in_cases(dir)?;
+        writeln!(
+            out,
+            "wrote {written} files of the built-in cases to {}",
+            dir.display()
+        )?;
+        return Ok(true);
+    }
+    let Some(component) = &options.component else {
+        return Ok(false);
+    };
+    let limit = CaseLimit::new(Duration::from_millis(options.case_timeout_ms));
+    let runner = Runner::load(component, limit)?;
+    let cases = match &options.cases {
+        Some(dir) => load_cases(dir)?,
+        None => built_in_cases(),
+    };
+    writeln!(
+        out,
+        "{}: {}",
+        component.display(),
+        runner.runtime.contract()
+    )?;
+    // Once `out` fails (a closed pipe), the run goes on silently and ends
+    // with the error.
+    let mut written = Ok(());
+    let report = runner.run(&cases, |progress| {
+        if written.is_ok() {
+            written = writeln!(out, "{progress}").and_then(|()| out.flush());
+        }
+    });
+    written?;
+    let costs = runner.costs(&cases, &report);
+    if cfg!(debug_assertions) && !costs.is_empty() {
+        writeln!(
+            out,
+            "(costs below are from a debug build of this runner: a release build's are lower)"
+        )?;
+    }
+    for cost in costs {
+        writeln!(out, "{cost}")?;
+    }
+    writeln!(out, "{}", report.summary())?;
+    out.flush()?;
+    Ok(report.all_passed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1624,7 +2177,7 @@ mod tests {
             .input
             .as_ref()
             .unwrap()
-            .payload(Path::new("."))
+            .payload(&CaseFiles::Dir(".".into()))
             .unwrap();
         assert_eq!(payload, crate::bulk::encode([b"a"]));
 
@@ -1674,7 +2227,7 @@ mod tests {
 
     #[test]
     fn payload_forms() {
-        let dir = Path::new(".");
+        let dir = &CaseFiles::Dir(".".into());
         let input = |extra: &str| -> InputSpec {
             let text = format!("kind = \"device-event\"\ndevice_id = 1\n{extra}");
             toml::from_str(&text).unwrap()
@@ -1704,7 +2257,7 @@ mod tests {
 
     #[test]
     fn error_comparison() {
-        use crate::bindings::types::{PayloadFault, TooLarge};
+        use ksm_bindings::types::{PayloadFault, TooLarge};
         let expected = ExpectError {
             kind: "record-too-large".into(),
             found: None,
@@ -1747,7 +2300,7 @@ mod tests {
     /// payload can be built.
     #[test]
     fn shipped_cases_are_well_formed() {
-        let cases = load_cases(&default_cases_dir()).unwrap();
+        let cases = built_in_cases();
         assert!(cases.len() >= 40, "only {} cases", cases.len());
         let mut names = HashSet::new();
         for case in &cases {
@@ -1758,10 +2311,15 @@ mod tests {
             assert!(!spec.description.trim().is_empty(), "{}", case.name);
             if let Some(input) = &spec.input {
                 input
-                    .payload(&case.dir)
+                    .payload(&case.files)
                     .unwrap_or_else(|e| panic!("{}: {e}", case.name));
             }
-            let number = case.name.split('-').next().unwrap_or_default();
+            let (group, dir) = case
+                .name
+                .split_once('/')
+                .unwrap_or_else(|| panic!("{}: not in a version group", case.name));
+            assert!(group_contract(group).is_some(), "{}", case.name);
+            let number = dir.split('-').next().unwrap_or_default();
             assert!(
                 number.len() == 3 && number.bytes().all(|b| b.is_ascii_digit()),
                 "{}: names start with a 3-digit number",
@@ -1769,7 +2327,7 @@ mod tests {
             );
             assert!(
                 names.insert(number.to_owned()),
-                "{}: number used twice",
+                "{}: number used twice (numbers are unique across versions)",
                 case.name
             );
         }
@@ -1847,5 +2405,31 @@ mod tests {
         assert!(cases[0].spec.as_ref().unwrap_err().contains("cannot read"));
         assert!(cases[1].spec.as_ref().unwrap_err().contains("ill-formed"));
         assert!(load_cases(Path::new("/no/such/dir")).is_err());
+    }
+
+    #[test]
+    fn written_built_in_cases_load_back_with_their_groups() {
+        let dir =
+            std::env::temp_dir().join(format!("ksm-conformance-write-{}", std::process::id()));
+        let written = write_built_in_cases(&dir).unwrap();
+        let loaded = load_cases(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let built_in = built_in_cases();
+        assert!(written >= built_in.len());
+        let summary = |cases: &[Case]| -> Vec<(String, Contract, bool)> {
+            cases
+                .iter()
+                .map(|c| (c.name.clone(), c.needs, c.spec.is_ok()))
+                .collect()
+        };
+        assert_eq!(summary(&loaded), summary(&built_in));
+        assert!(built_in.iter().any(|c| c.needs == Contract::V1_1));
+        assert!(built_in.iter().any(|c| c.needs == Contract::V1_0));
+        // A file a case names reads the same from disk as built in.
+        let with_file = built_in
+            .iter()
+            .find(|c| c.name.ends_with("098-bulk-binary-record-file"))
+            .expect("the case with a record file is built in");
+        assert!(!with_file.files.read("record.bin").unwrap().is_empty());
     }
 }
