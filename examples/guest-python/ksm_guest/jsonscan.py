@@ -129,32 +129,56 @@ def _decoder(**hooks):
 # that they fit a double, for text where a number might not.
 _SCAN = _decoder()
 _SCAN_CHECKED = _decoder(parse_float=_finite_float, parse_int=_finite_int)
-# A number that might not fit a double: an exponent of three digits or more,
-# or 200 digits in a row (with an exponent of at most 99, fewer digits
-# cannot reach 1.8e308).
-_MAYBE_HUGE = re.compile(r"[eE][-+]?[0-9]{3}|[0-9]{200}")
+# Where a number might not fit a double: an exponent of three digits or
+# more (`e308`, `E+400`), or 200 digits in a row (with an exponent of at most
+# 99, fewer digits cannot reach 1.8e308). Found by searching a copy of the
+# payload with every digit made `0` and `E` made `e` (strings included: a
+# false alarm only costs the checks).
+_NUMBER_SHAPE = bytes.maketrans(b"123456789E", b"000000000e")
+_HUGE_SHAPES = (b"e000", b"e+000", b"0" * 200)
 _WS = re.compile(r"[ \t\n\r]*")
 # Any \u escape of a surrogate, and the valid pairs of them.
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE_PAIR = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}")
-# Strings, and what is not a bracket, to count nesting.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_DEPTH_STEP = [0] * 256
-_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
-_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
 # serde_json's recursion limit: the 128th opening bracket is refused.
 _MAX_DEPTH = 127
+# The payload's brackets alone, `{` as `[` and `}` as `]`.
+_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = 1
+_DEPTH_STEP[ord("]")] = -1
 
 
-def _too_deep(text):
-    """Whether `text` might nest 128 levels deep (conservative)."""
-    if text.count("[") + text.count("{") <= _MAX_DEPTH:
+def _depth(brackets):
+    """The deepest nesting of a sequence of `[` and `]` (an upper bound of
+    the depth a parser reaches before it stops, when unbalanced)."""
+    # Each pass takes away the innermost pairs: as many passes as levels.
+    # (Counted step by step past 16 levels, or when unbalanced.)
+    passes = 0
+    while brackets and passes < 16:
+        inner = brackets.replace(b"[]", b"")
+        if len(inner) == len(brackets):
+            break  # unbalanced
+        brackets = inner
+        passes += 1
+    if not brackets:
+        return passes
+    return passes + max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)))
+
+
+def _too_deep(payload):
+    """Whether `payload` might nest 128 levels deep, before the C scanner
+    sees it (so that it never goes that deep). Brackets in strings do not
+    count: with escaped backslashes and quotes out of the way, every other
+    quote opens or closes a string (exactly so up to where a parser would
+    stop in a payload that is not JSON)."""
+    if payload.count(b"[") + payload.count(b"{") <= _MAX_DEPTH:
         return False
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    if len(brackets) <= _MAX_DEPTH:
-        return False
-    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets.encode("ascii")))) > _MAX_DEPTH
+    unescaped = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside.translate(_BRACKETS, _NOT_BRACKETS)
+    return len(brackets) > _MAX_DEPTH and _depth(brackets) > _MAX_DEPTH
 
 
 def _fast(payload):
@@ -169,9 +193,10 @@ def _fast(payload):
         escapes = text.replace("\\\\", "")
         if _SURROGATE.search(_SURROGATE_PAIR.sub("", escapes)) is not None:
             return None
-    if _too_deep(text):
+    if _too_deep(payload):
         return None
-    scan_once = _SCAN_CHECKED if _MAYBE_HUGE.search(text) is not None else _SCAN
+    shape = payload.translate(_NUMBER_SHAPE)
+    scan_once = _SCAN_CHECKED if any(h in shape for h in _HUGE_SHAPES) else _SCAN
     ws = _WS.match
     n = len(text)
     i = ws(text, 0).end()
