@@ -3,8 +3,9 @@
 //!
 //! The guest is untrusted. It gets a WASI context with nothing granted (no
 //! preopened directories, environment, arguments, stdio or network); a
-//! component that imports anything beyond [`GRANTED_IMPORTS`] (sockets,
-//! HTTP, or any non-WASI interface) is refused when it is loaded. Every call
+//! component that imports anything beyond [`GRANTED_IMPORTS`] (the imports
+//! of the `sandbox` world of `wit/1.1/sandbox.wit`, read at build time) is
+//! refused when it is loaded: sockets, HTTP, any other interface. Every call
 //! runs under a deadline and a memory limit ([`sandbox`]): a guest that
 //! traps, loops, sleeps or overruns them fails that one call, and its
 //! instance is replaced before the next call.

@@ -285,35 +285,11 @@ pub(super) fn enforce(store: &mut wasmtime::Store<GuestState>) {
     });
 }
 
-/// The interfaces (any version) a guest may import, each linked (and
-/// nothing else) into its linker. WASI ones see a context that grants nothing: the environment
-/// and arguments are empty, stdio is closed, no directory is preopened (so
-/// the filesystem interfaces show no files), and there is no network.
-/// Language runtimes import these whether or not they use them.
-pub const GRANTED_IMPORTS: &[&str] = &[
-    // The contract's own types (no functions).
-    "ksm:smart-module/types",
-    "wasi:cli/environment",
-    "wasi:cli/exit",
-    "wasi:cli/stdin",
-    "wasi:cli/stdout",
-    "wasi:cli/stderr",
-    "wasi:cli/terminal-input",
-    "wasi:cli/terminal-output",
-    "wasi:cli/terminal-stdin",
-    "wasi:cli/terminal-stdout",
-    "wasi:cli/terminal-stderr",
-    "wasi:clocks/monotonic-clock",
-    "wasi:clocks/wall-clock",
-    "wasi:filesystem/types",
-    "wasi:filesystem/preopens",
-    "wasi:io/error",
-    "wasi:io/poll",
-    "wasi:io/streams",
-    "wasi:random/random",
-    "wasi:random/insecure",
-    "wasi:random/insecure-seed",
-];
+// `GRANTED_IMPORTS`, from the `sandbox` world of `wit/1.1/sandbox.wit`
+// (build.rs): each is linked below, and nothing else. The WASI ones see a
+// context that grants nothing (no environment, arguments, stdio,
+// preopened directory or network).
+include!(concat!(env!("OUT_DIR"), "/granted_imports.rs"));
 
 /// True if the host gives the import `name` (`wasi:cli/exit@0.2.3`).
 pub fn is_granted(name: &str) -> bool {
@@ -323,34 +299,83 @@ pub fn is_granted(name: &str) -> bool {
     GRANTED_IMPORTS.contains(&interface)
 }
 
-/// Links exactly the [`GRANTED_IMPORTS`], one line each; the monotonic
-/// clock is the sandbox's own.
+/// Links exactly the [`GRANTED_IMPORTS`], each by its own adder; the
+/// monotonic clock is the sandbox's own. An import the world grants that
+/// has no adder here is an error (a test links every one).
 pub(super) fn link(linker: &mut Linker<GuestState>) -> wasmtime::Result<()> {
     type State = GuestState;
     let l = linker;
-    cli::environment::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::exit::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::stdin::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::stdout::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::stderr::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::terminal_input::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::terminal_output::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::terminal_stdin::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::terminal_stdout::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    cli::terminal_stderr::add_to_linker::<State, WasiCli>(l, State::cli)?;
-    monotonic_clock::add_to_linker::<State, BoundedClock>(l, |state| BoundedClockView {
-        table: &mut state.table,
-        sandbox: &state.sandbox,
-    })?;
-    clocks::wall_clock::add_to_linker::<State, WasiClocks>(l, State::clocks)?;
-    sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(l, State::filesystem)?;
-    filesystem::preopens::add_to_linker::<State, WasiFilesystem>(l, State::filesystem)?;
-    sync::io::error::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
-    sync::io::poll::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
-    sync::io::streams::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
-    random::random::add_to_linker::<State, WasiRandom>(l, |state| state.wasi.random())?;
-    random::insecure::add_to_linker::<State, WasiRandom>(l, |state| state.wasi.random())?;
-    random::insecure_seed::add_to_linker::<State, WasiRandom>(l, |state| state.wasi.random())?;
+    for name in GRANTED_IMPORTS {
+        match *name {
+            // Types only: nothing to link.
+            "ksm:smart-module/types" => {}
+            "wasi:cli/environment" => {
+                cli::environment::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:cli/exit" => cli::exit::add_to_linker::<State, WasiCli>(l, State::cli)?,
+            "wasi:cli/stdin" => cli::stdin::add_to_linker::<State, WasiCli>(l, State::cli)?,
+            "wasi:cli/stdout" => cli::stdout::add_to_linker::<State, WasiCli>(l, State::cli)?,
+            "wasi:cli/stderr" => cli::stderr::add_to_linker::<State, WasiCli>(l, State::cli)?,
+            "wasi:cli/terminal-input" => {
+                cli::terminal_input::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:cli/terminal-output" => {
+                cli::terminal_output::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:cli/terminal-stdin" => {
+                cli::terminal_stdin::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:cli/terminal-stdout" => {
+                cli::terminal_stdout::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:cli/terminal-stderr" => {
+                cli::terminal_stderr::add_to_linker::<State, WasiCli>(l, State::cli)?;
+            }
+            "wasi:clocks/monotonic-clock" => {
+                monotonic_clock::add_to_linker::<State, BoundedClock>(l, |state| {
+                    BoundedClockView {
+                        table: &mut state.table,
+                        sandbox: &state.sandbox,
+                    }
+                })?;
+            }
+            "wasi:clocks/wall-clock" => {
+                clocks::wall_clock::add_to_linker::<State, WasiClocks>(l, State::clocks)?;
+            }
+            "wasi:filesystem/types" => {
+                sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(
+                    l,
+                    State::filesystem,
+                )?;
+            }
+            "wasi:filesystem/preopens" => {
+                filesystem::preopens::add_to_linker::<State, WasiFilesystem>(l, State::filesystem)?;
+            }
+            "wasi:io/error" => {
+                sync::io::error::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
+            }
+            "wasi:io/poll" => {
+                sync::io::poll::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
+            }
+            "wasi:io/streams" => {
+                sync::io::streams::add_to_linker::<State, Table>(l, |state| &mut state.table)?;
+            }
+            "wasi:random/random" => {
+                random::random::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+            }
+            "wasi:random/insecure" => {
+                random::insecure::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+            }
+            "wasi:random/insecure-seed" => {
+                random::insecure_seed::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+            }
+            other => {
+                return Err(wasmtime::Error::msg(format!(
+                    "the sandbox world grants `{other}`, which ksm cannot link"
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -436,6 +461,23 @@ mod tests {
         assert!(!is_granted("wasi:http/outgoing-handler@0.2.3"));
         assert!(!is_granted("wasi:cli/environment-extra@0.2.3"));
         assert!(!is_granted("acme:secrets/vault"));
+    }
+
+    #[test]
+    fn every_import_the_sandbox_world_grants_links_and_none_is_a_network() {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        let engine = wasmtime::Engine::new(&config).expect("an engine");
+        let mut linker = Linker::new(&engine);
+        link(&mut linker).expect("an adder for every granted import");
+        assert!(GRANTED_IMPORTS.contains(&"wasi:cli/environment"));
+        assert!(GRANTED_IMPORTS.contains(&"ksm:smart-module/types"));
+        assert!(
+            GRANTED_IMPORTS
+                .iter()
+                .all(|name| !name.starts_with("wasi:sockets/") && !name.starts_with("wasi:http/")),
+            "{GRANTED_IMPORTS:?}"
+        );
     }
 
     #[test]
