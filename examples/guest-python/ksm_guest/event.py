@@ -109,7 +109,7 @@ class Payload:
                 tail += (',"originProjectKeyName":', _quote(context.project_key_name))
         tail.append("}")
         return b"".join(
-            ("".join(head).encode(), compact(data.raw.encode()), "".join(tail).encode())
+            ("".join(head).encode(), compact(data.raw_bytes()), "".join(tail).encode())
         )
 
 

@@ -54,12 +54,19 @@ class JsonFault(Exception):
 class Member:
     """One member of the top-level object, as sent."""
 
-    __slots__ = ("key", "raw", "text")
+    __slots__ = ("key", "raw", "text", "_bytes")
 
-    def __init__(self, key, raw, text):
+    def __init__(self, key, raw, text, raw_bytes=None):
         self.key = key  # decoded key
         self.raw = raw  # the value's JSON text (str), from its first to its last character
         self.text = text  # for a string value: its decoded content; else None
+        self._bytes = raw_bytes  # `raw` in UTF-8, when at hand
+
+    def raw_bytes(self):
+        """The value's JSON text as the payload's bytes."""
+        if self._bytes is None:
+            self._bytes = self.raw.encode()
+        return self._bytes
 
 
 def scan(payload):
@@ -173,7 +180,7 @@ def _too_deep(payload):
     count: with escaped backslashes and quotes out of the way, every other
     quote opens or closes a string (exactly so up to where a parser would
     stop in a payload that is not JSON)."""
-    if payload.count(b"[") + payload.count(b"{") <= _MAX_DEPTH:
+    if len(payload.translate(None, _NOT_BRACKETS)) <= _MAX_DEPTH:
         return False
     unescaped = payload.replace(b"\\\\", b"").replace(b'\\"', b"")
     outside = b"".join(unescaped.split(b'"')[::2])
@@ -199,6 +206,7 @@ def _fast(payload):
     scan_once = _SCAN_CHECKED if any(h in shape for h in _HUGE_SHAPES) else _SCAN
     ws = _WS.match
     n = len(text)
+    ascii = n == len(payload)  # then indices in `text` are indices in `payload`
     i = ws(text, 0).end()
     if i >= n or text[i] != "{":
         return None
@@ -218,7 +226,12 @@ def _fast(payload):
                 start = ws(text, i + 1).end()
                 value, i = scan_once(text, start)
                 members.append(
-                    Member(key, text[start:i], value if text[start] == '"' else None)
+                    Member(
+                        key,
+                        text[start:i],
+                        value if text[start] == '"' else None,
+                        payload[start:i] if ascii else None,
+                    )
                 )
                 i = ws(text, i).end()
                 if i < n and text[i] == ",":
@@ -436,8 +449,8 @@ class _Faithful:
                 text = self.parse_string() if self.peek_quote() else None
                 if text is None:
                     self.parse_value()
-                raw = self.buf[start : self.pos].decode("utf-8")
-                members.append(Member(key, raw, text))
+                raw = self.buf[start : self.pos]
+                members.append(Member(key, raw.decode("utf-8"), text, raw))
             else:
                 self.parse_value()
         self._leave()
