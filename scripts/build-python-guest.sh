@@ -115,7 +115,7 @@ else
     cp "$work/guest.wasm" "$work/composed.wasm"
 fi
 
-# Only what the host grants (host/src/runtime/sandbox.rs, GRANTED_IMPORTS).
+# Only what the host grants (the sandbox world of wit/1.1/sandbox.wit).
 refused="$("$WASM_TOOLS" component wit "$work/composed.wasm" \
     | sed -n 's/^ *import \([^ ;]*\);$/\1/p' \
     | grep -Ev '^(ksm:smart-module/types|wasi:(cli|clocks|filesystem|io|random)/[a-z-]+)@' || true)"
