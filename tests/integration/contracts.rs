@@ -1,14 +1,16 @@
 //! Contract versions side by side: a 1.0 guest (the JavaScript one) and a
 //! 1.1 guest (the reference one) in one host, one module each, give the same
 //! records; a 1.1 guest gets batches, a failed batch costs only the message
-//! at fault, and a 1.1 guest sees each message's MQTT details.
+//! at fault, and a 1.1 guest sees each message's MQTT details; a custom guest
+//! on the SDK runs as a second module beside the reference one.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ksm_tests::mqtt::{PublishProperties, publish_one_with_properties};
 use ksm_tests::{
-    create_stream, js_guest_wasm, misbehaving_guest_wasm, read_all_records, unique_stream_name,
+    create_stream, js_guest_wasm, low_battery_guest_wasm, misbehaving_guest_wasm, read_all_records,
+    unique_stream_name,
 };
 
 use crate::support::{Bench, Ksm, module};
@@ -198,5 +200,97 @@ async fn a_failed_batch_costs_only_the_message_at_fault_and_guests_see_mqtt_deta
         String::from_utf8_lossy(&details.data),
         "/devices/42/event|text/plain|site=north;site=south;kind=probe",
         "the guest saw the topic, the content type and the user properties in order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_sdk_guest_runs_beside_the_reference_one_on_a_second_stream() {
+    let bench = Bench::new("low-battery", 1).await;
+    let alerts = unique_stream_name("low-battery-alerts");
+    create_stream(&bench.kinesis, &alerts, 1).await;
+    let host = bench.ksm(
+        "ksm-low-battery",
+        &[
+            module("everything", &bench.stream, "subscribe_events = [\"*\"]"),
+            module(
+                "low-battery",
+                &alerts,
+                &format!(
+                    "subscribe_events = [\"status\"]\ncomponent = \"{}\"",
+                    low_battery_guest_wasm().display()
+                ),
+            ),
+        ],
+    );
+    // Battery levels 0, 5, ..., 95 in `status` events, the same in `reading` events
+    // (not subscribed by the alert module), and one payload that is not JSON.
+    let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
+    for (n, level) in (0..100).step_by(5).enumerate() {
+        for kind in ["status", "reading"] {
+            let device = 1 + n as u64;
+            let event =
+                format!(r#"{{"eventType":"{kind}","eventData":{{"battery":{level}}},"homeId":9}}"#);
+            messages.push((format!("/devices/{device}/event"), event.into_bytes()));
+        }
+    }
+    messages.push(("/devices/77/event".to_owned(), b"{not json".to_vec()));
+    bench.publish(&messages).await;
+
+    let counters = host.wait_for_counters_within("low-battery", Duration::from_secs(60), |c| {
+        c["forwarded"].as_u64().unwrap_or(0) >= 4 && c["dead_lettered"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(counters["forwarded"], 4, "levels 0, 5, 10, 15: {counters}");
+    assert_eq!(
+        counters["dead_lettered"], 1,
+        "the payload that is not JSON: {counters}"
+    );
+    let everything = host.wait_for_counters_within("everything", Duration::from_secs(60), |c| {
+        c["forwarded"].as_u64().unwrap_or(0) >= 40
+    });
+    assert_eq!(everything["forwarded"], 40, "{everything}");
+
+    let mut records: Vec<(String, String)> = read_all_records(&bench.kinesis, &alerts)
+        .await
+        .into_iter()
+        .map(|r| {
+            (
+                r.partition_key,
+                String::from_utf8(r.data).expect("JSON records"),
+            )
+        })
+        .collect();
+    records.sort();
+    let expected: Vec<(String, String)> = [(1, 0.0), (2, 5.0), (3, 10.0), (4, 15.0)]
+        .iter()
+        .map(|(device, level)| {
+            let record = serde_json::json!({
+                "deviceId": device,
+                "eventType": "status",
+                "battery": level,
+            });
+            (device.to_string(), record.to_string())
+        })
+        .collect();
+    assert_eq!(records.len(), expected.len(), "{records:?}");
+    for ((key, data), (want_key, want)) in records.iter().zip(&expected) {
+        assert_eq!(key, want_key);
+        let mut data: serde_json::Value = serde_json::from_str(data).expect("a JSON record");
+        let received = data
+            .as_object_mut()
+            .and_then(|o| o.remove("receivedAt"))
+            .expect("the record carries receivedAt");
+        assert!(
+            received.as_str().is_some_and(|t| t.ends_with('Z')),
+            "{received}"
+        );
+        let want: serde_json::Value = serde_json::from_str(want).expect("JSON");
+        assert_eq!(data, want, "{key}");
+    }
+    let log = host.module_log("low-battery");
+    assert!(log.contains("ksm_example_low_battery.wasm"), "{log}");
+    assert!(
+        log.contains("message on `/devices/77/event` refused and kept as a dead letter")
+            && log.contains("key must be a string"),
+        "the guest's error, in the module's log: {log}"
     );
 }

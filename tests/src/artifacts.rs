@@ -87,6 +87,16 @@ pub fn misbehaving_guest_wasm() -> PathBuf {
         .clone()
 }
 
+/// The SDK example guest (`examples/guest-rust-low-battery`): forwards only device events
+/// whose `eventData.battery` is below 20, as its own record shape. Built once per test
+/// process; `KSM_LOW_BATTERY_WASM` overrides it.
+pub fn low_battery_guest_wasm() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| component("ksm-example-low-battery", "KSM_LOW_BATTERY_WASM"))
+        .clone()
+}
+
 /// A guest of the smart-module world that opens a TCP connection, so its component imports
 /// `wasi:sockets` (`tests/fixtures/sockets-guest`). Built once per test process.
 pub fn sockets_guest_wasm() -> PathBuf {

@@ -60,8 +60,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use artifacts::{
-    conformance_binary, guest_wasm, js_guest_wasm, ksm_binary, misbehaving_guest_wasm,
-    sockets_guest_wasm, workspace_root, wrong_world_guest_wasm,
+    conformance_binary, guest_wasm, js_guest_wasm, ksm_binary, low_battery_guest_wasm,
+    misbehaving_guest_wasm, sockets_guest_wasm, workspace_root, wrong_world_guest_wasm,
 };
 pub use blackhole::{BlackholeKinesis, BlackholeStats};
 pub use kinesalite::Kinesalite;
