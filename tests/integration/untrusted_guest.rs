@@ -142,6 +142,30 @@ fn memory_under_the_limit_is_fine_and_over_it_the_fault_says_so() {
 }
 
 #[test]
+fn a_memory_fault_stays_the_reason_when_its_second_try_runs_out_of_time() {
+    // On a used instance the event hogs memory; its second try, on a fresh
+    // instance, spins past the deadline (as a busy machine can make any second
+    // try do): the message is refused for its memory, not for the time.
+    let runtime = fixture(100, 32);
+    let mut guest = runtime.instantiate(&settings(&["*"])).expect("configures");
+    guest
+        .device_event(&context(), b"first")
+        .expect("an ordinary event")
+        .expect("answered");
+    let fault = fault_of(guest.device_event(&context(), b"hog-when-used"));
+    assert!(
+        matches!(fault, GuestFault::Memory { limit, .. } if limit == 32 << 20),
+        "{fault}"
+    );
+    // The instance was replaced: the next event is answered.
+    let records = guest
+        .device_event(&context(), b"after")
+        .expect("a fresh instance")
+        .expect("answered");
+    assert_eq!(records.len(), 1);
+}
+
+#[test]
 fn time_that_is_not_the_guests_own_work_gets_a_second_chance() {
     // 90 ms asleep (not the guest's work) and 30 ms of its own: over a
     // 100 ms deadline on the clock, well under it in CPU time.

@@ -182,12 +182,23 @@ pub fn ksm_binary() -> PathBuf {
     HOST.get_or_init(|| host_binary(false)).clone()
 }
 
-/// The standalone conformance tool, `target/debug/ksm-conformance` (built with
-/// `cargo build -p ksm-conformance` once per test process).
+/// The standalone conformance tool, `target/debug/ksm-conformance`, built once per test
+/// process together with the host's binary: built alone, its dependencies would get other
+/// features and be compiled again, loading the machine under the other tests.
 pub fn conformance_binary() -> PathBuf {
     static TOOL: OnceLock<PathBuf> = OnceLock::new();
     TOOL.get_or_init(|| {
-        cargo(&["build", "-p", "ksm-conformance", "--bin", "ksm-conformance"]);
+        cargo(&[
+            "build",
+            "-p",
+            "ksm-host",
+            "--bin",
+            "ksm",
+            "-p",
+            "ksm-conformance",
+            "--bin",
+            "ksm-conformance",
+        ]);
         let path = target_dir().join("debug").join("ksm-conformance");
         assert!(
             path.is_file(),

@@ -650,9 +650,17 @@ impl Guest {
                 self.served(messages);
                 Ok(value)
             }
-            Err(error) => {
+            Err(second) => {
                 self.replace_instance()?;
-                Err(error)
+                // A memory fault's second try is on the wall clock: if a busy
+                // machine runs it out of time, the memory fault stays the reason.
+                let memory_first = matches!(error.fault(), Some(GuestFault::Memory { .. }));
+                let out_of_time = matches!(second.fault(), Some(GuestFault::Deadline(_)));
+                Err(if memory_first && out_of_time {
+                    error
+                } else {
+                    second
+                })
             }
         }
     }
