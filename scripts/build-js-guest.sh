@@ -24,20 +24,9 @@ OUT="$OUT_DIR/ksm_guest_js.wasm"
 # calls crypto.getRandomValues for UUIDv4 partition keys.
 DISABLED_FEATURES=(http fetch-event stdio clocks)
 
-die() { printf 'build-js-guest: error: %s\n' "$*" >&2; exit 1; }
-
-# Runs a command with its output kept aside, shown only if it fails.
-quietly() {
-    local log status=0
-    log="$(mktemp)"
-    "$@" >"$log" 2>&1 || status=$?
-    if [ "$status" -ne 0 ]; then
-        cat "$log" >&2
-        rm -f "$log"
-        die "failed ($status): $*"
-    fi
-    rm -f "$log"
-}
+SCRIPT=build-js-guest
+# shellcheck source=scripts/quietly.sh
+source "$ROOT/scripts/quietly.sh"
 
 command -v node >/dev/null 2>&1 || die "node is not installed (Node.js 20 or later is needed)"
 command -v npm >/dev/null 2>&1 || die "npm is not installed"

@@ -30,20 +30,9 @@ PYTHON=/usr/bin/python3
 WASM_TOOLS_VERSION="1.254.2"
 WASM_TOOLS="$TOOLS/bin/wasm-tools"
 
-die() { printf 'build-python-guest: error: %s\n' "$*" >&2; exit 1; }
-
-# Runs a command with its output kept aside, shown only if it fails.
-quietly() {
-    local log status=0
-    log="$(mktemp)"
-    "$@" >"$log" 2>&1 || status=$?
-    if [ "$status" -ne 0 ]; then
-        cat "$log" >&2
-        rm -f "$log"
-        die "failed ($status): $*"
-    fi
-    rm -f "$log"
-}
+SCRIPT=build-python-guest
+# shellcheck source=scripts/quietly.sh
+source "$ROOT/scripts/quietly.sh"
 
 [ -x "$PYTHON" ] || die "$PYTHON is missing: install Debian's python3 and python3-venv (apt-get install python3 python3-venv; scripts/setup.sh does)"
 "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1 \

@@ -257,11 +257,16 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
+    /// Leaves an array or object at its closing bracket at `self.pos`.
+    fn close(&mut self) {
+        self.depth -= 1;
+        self.pos += 1;
+    }
+
     fn array(&mut self) -> Result<(), Fault> {
         self.open()?;
         if self.whitespace() == Some(b']') {
-            self.pos += 1;
-            self.depth -= 1;
+            self.close();
             return Ok(());
         }
         loop {
@@ -269,8 +274,7 @@ impl<'a> Scanner<'a> {
             match self.whitespace() {
                 Some(b',') => self.pos += 1,
                 Some(b']') => {
-                    self.pos += 1;
-                    self.depth -= 1;
+                    self.close();
                     return Ok(());
                 }
                 _ => return Err(self.fault("expected `,` or `]`")),
@@ -281,8 +285,7 @@ impl<'a> Scanner<'a> {
     fn object(&mut self, mut on_member: impl FnMut(Member<'a>)) -> Result<(), Fault> {
         self.open()?;
         if self.whitespace() == Some(b'}') {
-            self.pos += 1;
-            self.depth -= 1;
+            self.close();
             return Ok(());
         }
         loop {
@@ -308,8 +311,7 @@ impl<'a> Scanner<'a> {
             match self.whitespace() {
                 Some(b',') => self.pos += 1,
                 Some(b'}') => {
-                    self.pos += 1;
-                    self.depth -= 1;
+                    self.close();
                     return Ok(());
                 }
                 _ => return Err(self.fault("expected `,` or `}`")),

@@ -197,13 +197,7 @@ fn bulk_payload(count: usize) -> Vec<u8> {
 fn cases() -> Vec<Case> {
     let event = event_payload();
     vec![
-        Case {
-            name: "event_subscribed",
-            subscribe: &["temperature"],
-            use_uuid: false,
-            input: Input::Event(event.clone()),
-            records: 1,
-        },
+        subscribed_event_case("event_subscribed", event.clone()),
         Case {
             name: "event_dropped",
             subscribe: &["humidity", "motion"],
@@ -218,28 +212,36 @@ fn cases() -> Vec<Case> {
             input: Input::Event(event),
             records: 1,
         },
-        Case {
-            name: "bulk_10x100B",
-            subscribe: &[],
-            use_uuid: false,
-            input: Input::Bulk {
-                label: LABEL,
-                payload: bulk_payload(10),
-            },
-            records: 10,
-        },
-        Case {
-            name: "bulk_100x100B",
-            subscribe: &[],
-            use_uuid: false,
-            input: Input::Bulk {
-                label: LABEL,
-                payload: bulk_payload(100),
-            },
-            records: 100,
-        },
+        bulk_case("bulk_10x100B", 10),
+        bulk_case("bulk_100x100B", 100),
         floor_case("call_floor"),
     ]
+}
+
+/// A device event the module subscribes to, keyed by the device ID.
+fn subscribed_event_case(name: &'static str, event: Vec<u8>) -> Case {
+    Case {
+        name,
+        subscribe: &["temperature"],
+        use_uuid: false,
+        input: Input::Event(event),
+        records: 1,
+    }
+}
+
+/// A bulk payload of `records` records of [`BULK_RECORD_BYTES`] under the
+/// module's label.
+fn bulk_case(name: &'static str, records: usize) -> Case {
+    Case {
+        name,
+        subscribe: &[],
+        use_uuid: false,
+        input: Input::Bulk {
+            label: LABEL,
+            payload: bulk_payload(records),
+        },
+        records: records as u64,
+    }
 }
 
 /// The 10-record bulk payload under a label the module does not forward:
@@ -528,39 +530,22 @@ impl BatchCase {
 
 fn batch_cases() -> Vec<BatchCase> {
     let event = event_payload();
-    let bulk = bulk_payload(100);
     let mut cases = Vec::new();
     for size in BATCH_SIZES {
-        cases.push(BatchCase {
-            name: format!("batch_events_{size}"),
-            case: Case {
-                name: "batch_events",
-                subscribe: &["temperature"],
-                use_uuid: false,
-                input: Input::Event(event.clone()),
-                records: 1,
-            },
-            size,
-        });
-        cases.push(BatchCase {
-            name: format!("batch_bulk100_{size}"),
-            case: Case {
-                name: "batch_bulk100",
-                subscribe: &[],
-                use_uuid: false,
-                input: Input::Bulk {
-                    label: LABEL,
-                    payload: bulk.clone(),
-                },
-                records: 100,
-            },
-            size,
-        });
-        cases.push(BatchCase {
-            name: format!("batch_floor_{size}"),
-            case: floor_case("batch_floor"),
-            size,
-        });
+        for (name, case) in [
+            (
+                "batch_events",
+                subscribed_event_case("batch_events", event.clone()),
+            ),
+            ("batch_bulk100", bulk_case("batch_bulk100", 100)),
+            ("batch_floor", floor_case("batch_floor")),
+        ] {
+            cases.push(BatchCase {
+                name: format!("{name}_{size}"),
+                case,
+                size,
+            });
+        }
     }
     cases
 }

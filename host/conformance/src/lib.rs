@@ -1256,10 +1256,7 @@ impl Runner {
             .enumerate()
         {
             let answer = answer.map_err(|e| self.runtime_error("a batch", e))?;
-            let answer = answer.map(|answer| match answer {
-                Answer::Records(records) => Output::Records(records),
-                Answer::Bulk(output) => Output::Bulk(output, message.payload),
-            });
+            let answer = answer.map(|answer| Output::of(answer, message.payload));
             compare_answer(answer, expect, files)
                 .map_err(|reason| CaseError::Failed(format!("message {i}: {reason}")))?;
         }
@@ -1293,10 +1290,7 @@ impl Runner {
         let answer = guest
             .one(&message.input())
             .map_err(|e| self.runtime_error(phase, e))?;
-        Ok(answer.map(|answer| match answer {
-            Answer::Records(records) => Output::Records(records),
-            Answer::Bulk(output) => Output::Bulk(output, message.payload),
-        }))
+        Ok(answer.map(|answer| Output::of(answer, message.payload)))
     }
 
     /// A runtime failure during `phase` (the WIT function) as the case's
@@ -1417,6 +1411,16 @@ enum Output {
     Records(Vec<KinesisRecord>),
     /// The bulk handler's output, with the payload its spans point into.
     Bulk(BulkOutput, Vec<u8>),
+}
+
+impl Output {
+    /// A guest's answer to a message whose payload was `payload`.
+    fn of(answer: Answer, payload: Vec<u8>) -> Self {
+        match answer {
+            Answer::Records(records) => Output::Records(records),
+            Answer::Bulk(output) => Output::Bulk(output, payload),
+        }
+    }
 }
 
 /// Expands `repeat`: one entry per expected record, with its repetition
