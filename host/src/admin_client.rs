@@ -138,6 +138,25 @@ impl AdminClient {
     /// status. The body is read into one buffer (sized by the answer's
     /// `Content-Length`, of at most 128 MiB) and returned without copying.
     pub fn request(&self, method: &str, path: &str) -> Result<(u16, String), AdminClientError> {
+        self.send(method, path, None)
+    }
+
+    /// Like [`AdminClient::request`], with `json` as the request's body.
+    pub fn send_json(
+        &self,
+        method: &str,
+        path: &str,
+        json: &serde_json::Value,
+    ) -> Result<(u16, String), AdminClientError> {
+        self.send(method, path, Some(json.to_string().as_bytes()))
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        json: Option<&[u8]>,
+    ) -> Result<(u16, String), AdminClientError> {
         let addr = self.addr;
         let unreachable = |source| AdminClientError::Unreachable { addr, source };
         let garbled = AdminClientError::Garbled { addr };
@@ -151,10 +170,18 @@ impl AdminClient {
             .as_ref()
             .map(|token| format!("Authorization: Bearer {token}\r\n"))
             .unwrap_or_default();
+        let body = json.unwrap_or_default();
+        let content_type = if json.is_some() {
+            "Content-Type: application/json\r\n"
+        } else {
+            ""
+        };
         write!(
             stream,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}{content_type}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
         )
+        .and_then(|()| stream.write_all(body))
         .and_then(|()| stream.flush())
         .map_err(unreachable)?;
         let mut reader = BufReader::new(stream);

@@ -11,9 +11,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
+
+use tokio::sync::mpsc::WeakSender;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -23,13 +24,14 @@ use crate::bindings::types::{DeviceContext, HomeContext, ModuleSettings};
 use crate::clock;
 use crate::config::ModuleConfig;
 use crate::module::{ComponentInfo, Module};
+use crate::pipeline::route::{Change, Inbound};
 use crate::runtime::{Guest, GuestEngine, RuntimeError};
 
 /// New guests for some modules, switched in by the router before the next
 /// message.
 pub struct Swap {
-    /// Per module index: its new guest and what it runs.
-    pub guests: Vec<(usize, Guest, ComponentInfo)>,
+    /// Per module: its new guest and what it runs.
+    pub guests: Vec<(Arc<Module>, Guest, ComponentInfo)>,
 }
 
 /// What a reload did with one component file.
@@ -84,85 +86,187 @@ pub enum ComponentError {
 /// The components of all modules, and the way to swap them.
 pub struct Components {
     engine: GuestEngine,
-    modules: Arc<[Arc<Module>]>,
-    /// Component file → indexes of the modules that run it.
-    paths: BTreeMap<PathBuf, Vec<usize>>,
-    swaps: Mutex<Sender<Swap>>,
-    /// Serialises reloads, and remembers each file's last seen stamp.
-    stamps: Mutex<BTreeMap<PathBuf, Option<(SystemTime, u64)>>>,
+    /// The router's inbox, where swaps go (held weakly, so that it does
+    /// not keep the router running at shutdown).
+    inbox: WeakSender<Inbound>,
+    /// Held through a reload and through a module's change, so that one
+    /// never undoes the other.
+    state: Mutex<State>,
+}
+
+/// Which modules run which file, and each file's last seen stamp.
+#[derive(Default)]
+struct State {
+    paths: BTreeMap<PathBuf, Vec<Arc<Module>>>,
+    stamps: BTreeMap<PathBuf, Option<(SystemTime, u64)>>,
+}
+
+impl State {
+    fn attach(&mut self, path: &Path, module: &Arc<Module>) {
+        self.paths
+            .entry(path.to_owned())
+            .or_default()
+            .push(module.clone());
+        self.stamps
+            .entry(path.to_owned())
+            .or_insert_with(|| stamp(path));
+    }
+
+    fn detach(&mut self, module: &Arc<Module>) {
+        for modules in self.paths.values_mut() {
+            modules.retain(|m| !Arc::ptr_eq(m, module));
+        }
+        self.paths.retain(|_, modules| !modules.is_empty());
+        let paths = &self.paths;
+        self.stamps.retain(|path, _| paths.contains_key(path));
+    }
 }
 
 impl Components {
-    /// Components for `modules` (each runs `component_of(module)`), swapped
-    /// in through `swaps`.
-    pub fn new(
-        engine: GuestEngine,
-        modules: Arc<[Arc<Module>]>,
-        component_of: impl Fn(&ModuleConfig) -> PathBuf,
-        swaps: Sender<Swap>,
-    ) -> Self {
-        let mut paths: BTreeMap<PathBuf, Vec<usize>> = BTreeMap::new();
-        for (index, module) in modules.iter().enumerate() {
-            paths
-                .entry(component_of(&module.config))
-                .or_default()
-                .push(index);
-        }
-        let stamps = paths.keys().map(|p| (p.clone(), stamp(p))).collect();
+    /// No components yet; swaps go into `inbox`.
+    pub fn new(engine: GuestEngine, inbox: WeakSender<Inbound>) -> Self {
         Self {
             engine,
-            modules,
-            paths,
-            swaps: Mutex::new(swaps),
-            stamps: Mutex::new(stamps),
+            inbox,
+            state: Mutex::new(State::default()),
         }
     }
 
-    /// Loads every component and configures each module's guest (at start).
-    pub fn load_all(&self) -> Result<Vec<Guest>, ComponentError> {
-        let mut guests: Vec<Option<Guest>> = (0..self.modules.len()).map(|_| None).collect();
-        for (path, indexes) in &self.paths {
-            for (index, guest, info) in self.prepare(path, indexes)? {
-                self.set_running(index, info);
+    /// Loads each component once and configures a guest for each of the
+    /// modules that run it (at start); the guests come in module order.
+    pub fn load_all(
+        &self,
+        modules: &[(Arc<Module>, PathBuf)],
+    ) -> Result<Vec<Guest>, ComponentError> {
+        let mut by_path: BTreeMap<&Path, Vec<usize>> = BTreeMap::new();
+        for (index, (_, path)) in modules.iter().enumerate() {
+            by_path.entry(path).or_default().push(index);
+        }
+        let mut guests: Vec<Option<Guest>> = (0..modules.len()).map(|_| None).collect();
+        let mut state = self.lock();
+        for (path, indexes) in by_path {
+            let (bytes, hash) = read_component(path)?;
+            let chosen: Vec<Arc<Module>> = indexes.iter().map(|&i| modules[i].0.clone()).collect();
+            for ((module, guest, info), index) in self
+                .prepare_bytes(path, &bytes, hash, &chosen)?
+                .into_iter()
+                .zip(indexes)
+            {
+                set_running(&module, info);
+                state.attach(path, &module);
                 guests[index] = Some(guest);
             }
         }
         Ok(guests.into_iter().flatten().collect())
     }
 
+    /// A guest of the component at `path`, configured with `settings` and
+    /// checked, for `module` (not yet in service: see [`Components::put_in_service`]).
+    pub fn prepare(
+        &self,
+        path: &Path,
+        module: &Arc<Module>,
+        settings: &ModuleConfig,
+    ) -> Result<(Guest, ComponentInfo), ComponentError> {
+        let (bytes, sha256) = read_component(path)?;
+        let started = Instant::now();
+        let runtime = self.engine.load_bytes(path, &bytes)?;
+        let in_module = |source| ComponentError::Module {
+            module: module.id.clone(),
+            source,
+        };
+        let mut guest = runtime
+            .instantiate(&module_settings(settings))
+            .map_err(in_module)?;
+        self_check(&mut guest, settings.bulk_data_label.as_deref()).map_err(in_module)?;
+        let info = component_info(path, sha256, started, runtime.contract().to_string());
+        Ok((guest, info))
+    }
+
+    /// Puts a prepared guest in service for a running module, between two
+    /// messages, with `apply` run first (under the reload lock, so that a
+    /// reload meanwhile configures with what `apply` set); the module then
+    /// counts as running `path`. False if ksm is stopping.
+    pub fn put_in_service(
+        &self,
+        module: &Arc<Module>,
+        path: &Path,
+        guest: Guest,
+        info: ComponentInfo,
+        apply: impl FnOnce(),
+    ) -> bool {
+        let mut state = self.lock();
+        apply();
+        let Some(inbox) = self.inbox.upgrade() else {
+            return false;
+        };
+        let swap = Swap {
+            guests: vec![(module.clone(), guest, info.clone())],
+        };
+        if inbox
+            .blocking_send(Inbound::Change(Box::new(Change::Swap(swap))))
+            .is_err()
+        {
+            return false;
+        }
+        set_running(module, info);
+        state.detach(module);
+        state.attach(path, module);
+        true
+    }
+
+    /// Registers a module whose prepared guest the router gets with the
+    /// module itself.
+    pub fn attach(&self, module: &Arc<Module>, path: &Path, info: ComponentInfo) {
+        set_running(module, info);
+        self.lock().attach(path, module);
+    }
+
+    /// Forgets a module: reloads no longer configure a guest for it.
+    pub fn detach(&self, module: &Arc<Module>) {
+        self.lock().detach(module);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Loads the components whose content changed, checks them and swaps
     /// them in; `trigger` says why (for the logs).
     pub fn reload(&self, trigger: &str) -> Vec<ReloadOutcome> {
-        let mut stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock();
         let mut outcomes = Vec::new();
-        for (path, indexes) in &self.paths {
-            stamps.insert(path.clone(), stamp(path));
-            let modules = indexes
-                .iter()
-                .map(|&i| self.modules[i].config.id.clone())
-                .collect();
+        let paths: Vec<(PathBuf, Vec<Arc<Module>>)> = state
+            .paths
+            .iter()
+            .map(|(path, modules)| (path.clone(), modules.clone()))
+            .collect();
+        for (path, modules) in &paths {
+            state.stamps.insert(path.clone(), stamp(path));
             let mut outcome = ReloadOutcome {
                 path: path.clone(),
-                modules,
+                modules: modules.iter().map(|m| m.id.clone()).collect(),
                 outcome: String::new(),
                 sha256: None,
                 error: None,
             };
-            let running = self.running_hash(indexes);
+            let running = modules
+                .first()
+                .and_then(|m| m.component())
+                .map(|info| info.sha256);
             let result = read_component(path).and_then(|(bytes, hash)| {
                 outcome.sha256 = Some(hash.clone());
                 if running.as_deref() == Some(hash.as_str()) {
                     return Ok(None);
                 }
-                self.prepare_bytes(path, &bytes, hash, indexes).map(Some)
+                self.prepare_bytes(path, &bytes, hash, modules).map(Some)
             });
             match result {
                 Ok(None) => outcome.outcome = "unchanged".into(),
                 Ok(Some(guests)) => {
-                    let info = guests.first().map(|(_, _, info)| info.clone());
-                    for &i in indexes {
-                        if let Some(info) = &info {
-                            self.modules[i].log.write(
+                    if let Some((_, _, info)) = guests.first() {
+                        for module in modules {
+                            module.log.write(
                                 Level::Info,
                                 format!(
                                     "component {} (sha256 {}, {}) loaded and checked in {} ms ({trigger}); switching to it",
@@ -174,17 +278,21 @@ impl Components {
                             );
                         }
                     }
-                    let infos: Vec<(usize, ComponentInfo)> = guests
+                    let infos: Vec<(Arc<Module>, ComponentInfo)> = guests
                         .iter()
-                        .map(|(index, _, info)| (*index, info.clone()))
+                        .map(|(module, _, info)| (module.clone(), info.clone()))
                         .collect();
-                    let swaps = self.swaps.lock().unwrap_or_else(|e| e.into_inner());
-                    if swaps.send(Swap { guests }).is_ok() {
+                    let sent = self.inbox.upgrade().is_some_and(|inbox| {
+                        inbox
+                            .blocking_send(Inbound::Change(Box::new(Change::Swap(Swap { guests }))))
+                            .is_ok()
+                    });
+                    if sent {
                         // From now on every message goes to the new guests
                         // (the router switches before the next one).
-                        for (index, info) in infos {
-                            self.set_running(index, info);
-                            Counters::add(&self.modules[index].metrics.reloads, 1);
+                        for (module, info) in infos {
+                            set_running(&module, info);
+                            Counters::add(&module.metrics.reloads, 1);
                         }
                         outcome.outcome = "swapped".into();
                     } else {
@@ -193,8 +301,8 @@ impl Components {
                     }
                 }
                 Err(error) => {
-                    for &i in indexes {
-                        self.modules[i].log.write(
+                    for module in modules {
+                        module.log.write(
                             Level::Error,
                             format!(
                                 "component {} not swapped in ({trigger}), the running one stays: {error}",
@@ -217,9 +325,9 @@ impl Components {
         &self,
         previous: &mut BTreeMap<PathBuf, Option<(SystemTime, u64)>>,
     ) -> bool {
-        let stamps = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        let state = self.lock();
         let mut changed = false;
-        for (path, loaded) in stamps.iter() {
+        for (path, loaded) in state.stamps.iter() {
             let now = stamp(path);
             let settled = previous.get(path) == Some(&now);
             if now != *loaded && now.is_some() && settled {
@@ -230,67 +338,55 @@ impl Components {
         changed
     }
 
-    fn set_running(&self, index: usize, info: ComponentInfo) {
-        *self.modules[index]
-            .component
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(info);
-    }
-
-    fn running_hash(&self, indexes: &[usize]) -> Option<String> {
-        let first = *indexes.first()?;
-        let component = self.modules[first]
-            .component
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        component.as_ref().map(|info| info.sha256.clone())
-    }
-
-    fn prepare(
-        &self,
-        path: &Path,
-        indexes: &[usize],
-    ) -> Result<Vec<(usize, Guest, ComponentInfo)>, ComponentError> {
-        let (bytes, hash) = read_component(path)?;
-        self.prepare_bytes(path, &bytes, hash, indexes)
-    }
-
     /// Compiles (or takes from the cache), configures and checks a
-    /// component for the given modules.
+    /// component for the given modules, each with its settings now.
     fn prepare_bytes(
         &self,
         path: &Path,
         bytes: &[u8],
         sha256: String,
-        indexes: &[usize],
-    ) -> Result<Vec<(usize, Guest, ComponentInfo)>, ComponentError> {
+        modules: &[Arc<Module>],
+    ) -> Result<Vec<(Arc<Module>, Guest, ComponentInfo)>, ComponentError> {
         let started = Instant::now();
         let runtime = self.engine.load_bytes(path, bytes)?;
-        let mut guests = Vec::with_capacity(indexes.len());
-        for &index in indexes {
-            let module = &self.modules[index];
+        let mut guests = Vec::with_capacity(modules.len());
+        for module in modules {
             let in_module = |source| ComponentError::Module {
-                module: module.config.id.clone(),
+                module: module.id.clone(),
                 source,
             };
+            let settings = module.config();
             let mut guest = runtime
-                .instantiate(&module_settings(&module.config))
+                .instantiate(&module_settings(&settings))
                 .map_err(in_module)?;
-            self_check(&mut guest, module.config.bulk_data_label.as_deref()).map_err(in_module)?;
-            guests.push((index, guest));
+            self_check(&mut guest, settings.bulk_data_label.as_deref()).map_err(in_module)?;
+            guests.push((module.clone(), guest));
         }
-        let info = ComponentInfo {
-            path: path.to_owned(),
-            sha256,
-            loaded_at: clock::now_rfc3339(),
-            load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            contract: runtime.contract().to_string(),
-        };
+        let info = component_info(path, sha256, started, runtime.contract().to_string());
         Ok(guests
             .into_iter()
-            .map(|(index, guest)| (index, guest, info.clone()))
+            .map(|(module, guest)| (module, guest, info.clone()))
             .collect())
     }
+}
+
+fn component_info(
+    path: &Path,
+    sha256: String,
+    started: Instant,
+    contract: String,
+) -> ComponentInfo {
+    ComponentInfo {
+        path: path.to_owned(),
+        sha256,
+        loaded_at: clock::now_rfc3339(),
+        load_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        contract,
+    }
+}
+
+fn set_running(module: &Module, info: ComponentInfo) {
+    *module.component.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
 }
 
 /// A quick check that a configured guest answers each call without

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -20,18 +21,16 @@ use tokio::task::JoinHandle;
 use crate::activity::Level;
 use crate::components::{ComponentError, Components};
 use crate::config::Config;
-use crate::module::Module;
-use crate::pipeline::commit::{CommitTarget, Committer};
+use crate::manager::ModuleManager;
+use crate::module::{Module, ModuleSet};
+use crate::pipeline::commit::Committer;
 use crate::pipeline::crash_guard::{CrashGuard, GuardError};
 use crate::pipeline::inflight::InFlight;
 use crate::pipeline::route::answer::Budget;
 use crate::pipeline::route::{Route, Router};
-use crate::pipeline::sink::kinesis::{self, KinesisSink};
-use crate::pipeline::sink::stream::module_stream_limits;
 use crate::pipeline::source::SourceStatus;
 use crate::pipeline::source::mqtt::MqttSource;
 use crate::runtime::{GuestEngine, GuestLimits, RuntimeError};
-use crate::store::spool::SpoolReader;
 use crate::store::{Store, StoreError};
 
 /// How long shutdown lets the sinks send what is spooled before it leaves
@@ -39,9 +38,6 @@ use crate::store::{Store, StoreError};
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 /// How long shutdown waits for the last acknowledgements to leave.
 const ACK_GRACE: Duration = Duration::from_secs(5);
-/// Most memory one module's sink holds records in; the rest of its
-/// backlog waits on disk and is read back, in order, as room frees.
-const SINK_WINDOW_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -79,17 +75,15 @@ pub enum StartError {
 
 /// A started host; stop it with [`Host::stop`].
 pub struct Host {
-    modules: Arc<[Arc<Module>]>,
+    manager: Arc<ModuleManager>,
     admin_addr: SocketAddr,
     intake: watch::Sender<bool>,
     disconnect: watch::Sender<bool>,
-    sink_stop: watch::Sender<bool>,
     stopping: Arc<AtomicBool>,
     guard: Arc<CrashGuard>,
     source: JoinHandle<()>,
     router: std::thread::JoinHandle<()>,
     committer: std::thread::JoinHandle<()>,
-    sinks: Vec<JoinHandle<()>>,
     reloaders: Vec<JoinHandle<()>>,
     admin: JoinHandle<()>,
 }
@@ -114,40 +108,36 @@ impl Host {
                 spool_max_bytes,
             )?));
         }
-        let modules: Arc<[Arc<Module>]> = modules.into();
+        let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
+        let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
 
         let cache = config.storage.dir.join("component-cache");
         let engine = GuestEngine::new(limits, Some(&cache)).map_err(StartError::Engine)?;
-        let (swap_tx, swap_rx) = std::sync::mpsc::channel();
-        let components = Arc::new(Components::new(
-            engine,
-            modules.clone(),
-            |module| config.component_of(module),
-            swap_tx,
-        ));
+        let components = Arc::new(Components::new(engine, inbox_tx.downgrade()));
         let loading = components.clone();
-        let guests = tokio::task::spawn_blocking(move || loading.load_all())
+        let paths: Vec<(Arc<Module>, PathBuf)> = modules
+            .iter()
+            .map(|module| (module.clone(), config.component_of(&module.config())))
+            .collect();
+        let guests = tokio::task::spawn_blocking(move || loading.load_all(&paths))
             .await
             .expect("component loading does not panic")?;
 
-        let (sink_stop, sink_stop_rx) = watch::channel(false);
+        let module_set = Arc::new(ModuleSet::new(modules.clone()));
+        let manager = Arc::new(ModuleManager::new(
+            config.clone(),
+            module_set.clone(),
+            store.clone(),
+            components.clone(),
+            inbox_tx.downgrade(),
+        ));
         let mut routes = Vec::new();
         let mut targets = Vec::new();
-        let mut sinks = Vec::new();
         for (module, guest) in modules.iter().zip(guests) {
-            let module_config = &module.config;
-            let reader = SpoolReader::new(&module.spool, SINK_WINDOW_BYTES)?;
-            let next_seq = module.spool.next_seq()?;
-            let client = kinesis::client(module_config, &config.kinesis).await;
-            let stream = module_stream_limits(&client, module_config)
-                .await
-                .map_err(StartError::Stream)?;
-            let (sink_tx, sink_rx) = mpsc::unbounded_channel();
+            let target = manager.launch(module).await.map_err(StartError::Stream)?;
+            let module_config = module.config();
             let component = module
-                .component
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
+                .component()
                 .map(|c| {
                     format!(
                         ", running component {} (sha256 {}, {})",
@@ -171,33 +161,18 @@ impl Host {
                     format!("resuming {records} records ({bytes} bytes) left in the spool"),
                 );
             }
-            let sink = KinesisSink::new(
-                Arc::new(client),
-                module.clone(),
-                config.kinesis.clone(),
-                stream,
-                reader,
-                sink_rx,
-            );
-            sinks.push(tokio::spawn(sink.run(sink_stop_rx.clone())));
-            targets.push(CommitTarget {
-                module: module.clone(),
-                sink: sink_tx,
-                next_seq,
-            });
+            targets.push(target);
             routes.push(Route {
                 module: module.clone(),
                 guest,
             });
         }
 
-        let inbox_capacity = usize::from(config.mqtt.receive_maximum) * 2;
-        let (inbox_tx, inbox_rx) = mpsc::channel(inbox_capacity);
         let (job_tx, job_rx) = std::sync::mpsc::sync_channel(inbox_capacity);
         let (guard, in_flight_at_exit) = CrashGuard::open(&config.storage.dir)?;
         let guard = Arc::new(guard);
         if in_flight_at_exit > 0 {
-            for module in modules.iter() {
+            for module in &modules {
                 module.log.write(
                     Level::Warn,
                     format!(
@@ -241,7 +216,7 @@ impl Host {
             usize::try_from(config.mqtt.inflight_max_mib * 1024 * 1024).unwrap_or(usize::MAX),
         );
         let app = crate::admin::router(
-            modules.clone(),
+            manager.clone(),
             status.clone(),
             inbox_tx.downgrade(),
             components.clone(),
@@ -258,7 +233,6 @@ impl Host {
             guard.clone(),
             stopping.clone(),
             job_tx,
-            swap_rx,
         );
         let router = std::thread::Builder::new()
             .name("ksm-router".into())
@@ -271,24 +245,22 @@ impl Host {
             reloaders.push(tokio::spawn(reload_on_change(components.clone(), interval)));
         }
 
-        let source = MqttSource::new(&config.mqtt, modules.clone(), status, inflight)
+        let source = MqttSource::new(&config.mqtt, module_set.clone(), status, inflight)
             .map_err(StartError::Mqtt)?;
         let (intake, intake_rx) = watch::channel(false);
         let (disconnect, disconnect_rx) = watch::channel(false);
         let source = tokio::spawn(source.run(inbox_tx, intake_rx, disconnect_rx));
 
         Ok(Host {
-            modules,
+            manager,
             admin_addr,
             intake,
             disconnect,
-            sink_stop,
             stopping,
             guard,
             source,
             router,
             committer,
-            sinks,
             reloaders,
             admin,
         })
@@ -300,8 +272,8 @@ impl Host {
     }
 
     /// The running modules.
-    pub fn modules(&self) -> &[Arc<Module>] {
-        &self.modules
+    pub fn modules(&self) -> Arc<[Arc<Module>]> {
+        self.manager.modules().all()
     }
 
     /// Stops taking messages, commits what the guests produced and sends
@@ -325,7 +297,7 @@ impl Host {
         // Nothing is between the router and the store any more.
         self.guard.stopped_cleanly();
         let mut source = self.source;
-        let mut sinks = self.sinks;
+        let mut sinks = self.manager.take_sinks();
         let acks_sent = async {
             if tokio::time::timeout(ACK_GRACE, &mut source).await.is_err() {
                 let _ = self.disconnect.send(true);
@@ -335,14 +307,16 @@ impl Host {
         let sinks_done = async {
             let drain = async {
                 while let Some(sink) = sinks.last_mut() {
-                    let _ = sink.await;
+                    let _ = (&mut sink.task).await;
                     sinks.pop();
                 }
             };
             if tokio::time::timeout(FLUSH_GRACE, drain).await.is_err() {
-                let _ = self.sink_stop.send(true);
+                for sink in &sinks {
+                    let _ = sink.stop.send(true);
+                }
                 while let Some(sink) = sinks.last_mut() {
-                    let _ = sink.await;
+                    let _ = (&mut sink.task).await;
                     sinks.pop();
                 }
             }

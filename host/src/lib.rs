@@ -27,8 +27,11 @@
 //!   names (certificates, keys, secrets).
 //! - `tls`: certificates and keys from PEM files, the broker's TLS client
 //!   configuration and what a failed handshake means.
-//! - `admin` and `admin_client`: the admin HTTP API, and the client the CLI
-//!   uses; `host`: starts and stops all of the above.
+//! - `manager`: starts modules, and adds, changes and deletes them while
+//!   ksm runs (what the admin API's module endpoints do).
+//! - `admin` and `admin_client`: the admin HTTP API and the console it
+//!   serves, and the client the CLI uses; `host`: starts and stops all of
+//!   the above.
 //!
 //! The public surface is what the `ksm` binary, the tests and guest authors
 //! use: the configuration, the admin API's wire types and client, dead
@@ -43,6 +46,7 @@ mod components;
 pub mod config;
 mod host;
 mod kinesis;
+pub mod manager;
 mod metrics;
 mod module;
 mod pipeline;

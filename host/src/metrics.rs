@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::module::Module;
+use crate::module::{Module, ModuleSet};
 use crate::pipeline::source::SourceStatus;
 
 /// The `Content-Type` of the answer.
@@ -157,6 +157,12 @@ impl ModuleMetrics {
         *failures.entry(code.to_owned()).or_default() += n;
     }
 
+    /// Failed requests and failed records, over every error code.
+    pub fn kinesis_errors(&self) -> u64 {
+        let failures = self.put_failures.lock().unwrap_or_else(|e| e.into_inner());
+        failures.values().sum()
+    }
+
     /// Counts a guest call that ended badly.
     pub fn guest_trapped(&self, kind: TrapKind) {
         self.guest_traps[kind as usize].fetch_add(1, Ordering::Relaxed);
@@ -166,13 +172,13 @@ impl ModuleMetrics {
 /// Reads every figure at each scrape.
 #[derive(Debug, Clone)]
 pub struct Metrics {
-    modules: Arc<[Arc<Module>]>,
+    modules: Arc<ModuleSet>,
     source: Arc<SourceStatus>,
 }
 
 impl Metrics {
-    /// The metrics of `modules` and the MQTT source.
-    pub fn new(modules: Arc<[Arc<Module>]>, source: Arc<SourceStatus>) -> Self {
+    /// The metrics of the modules running at each scrape and the MQTT source.
+    pub fn new(modules: Arc<ModuleSet>, source: Arc<SourceStatus>) -> Self {
         Self { modules, source }
     }
 
@@ -221,7 +227,7 @@ fn per_module<'a>(
     modules
         .iter()
         .enumerate()
-        .map(|(i, m)| (vec![("module", m.config.id.as_str())], value(i)))
+        .map(|(i, m)| (vec![("module", m.id.as_str())], value(i)))
         .collect()
 }
 
@@ -239,7 +245,7 @@ enum Value<'a> {
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let modules = &self.modules;
+        let modules = &self.modules.all();
         let snapshots: Vec<_> = modules.iter().map(|m| m.counters()).collect();
         let counters: [(&str, &str, ReadCounter); 9] = [
             (
@@ -347,7 +353,7 @@ impl Collector for Metrics {
             modules.iter().zip(&failures).flat_map(|(m, codes)| {
                 codes.iter().map(|(code, n)| {
                     (
-                        vec![("module", m.config.id.as_str()), ("code", code.as_str())],
+                        vec![("module", m.id.as_str()), ("code", code.as_str())],
                         Value::Counter(*n),
                     )
                 })
@@ -385,7 +391,7 @@ impl Collector for Metrics {
             modules.iter().flat_map(|m| {
                 TrapKind::ALL.into_iter().map(|kind| {
                     (
-                        vec![("module", m.config.id.as_str()), ("kind", kind.label())],
+                        vec![("module", m.id.as_str()), ("kind", kind.label())],
                         Value::Counter(
                             m.metrics.guest_traps[kind as usize].load(Ordering::Relaxed),
                         ),

@@ -1,8 +1,10 @@
 //! A running smart module: its settings, activity, spool and dead letters,
-//! shared by the router, the committer, its Kinesis sink and the admin API.
+//! shared by the router, the committer, its Kinesis sink and the admin API;
+//! and the set of modules running now, which the admin API changes.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +18,14 @@ use crate::store::{Store, StoreError};
 /// Everything ksm knows about one module while it runs.
 #[derive(Debug)]
 pub struct Module {
-    /// The module's configuration.
-    pub config: ModuleConfig,
+    /// Module ID (it never changes; a module with another ID is another module).
+    pub id: String,
+    /// The module's configuration now; see [`Module::config`].
+    config: RwLock<Arc<ModuleConfig>>,
+    /// Deleted: it takes no more messages, and goes once its spool is empty.
+    draining: AtomicBool,
+    /// Held while a replay of its dead letters runs.
+    pub replay: Arc<tokio::sync::Mutex<()>>,
     /// Counters since start.
     pub counters: Counters,
     /// The activity log.
@@ -46,8 +54,43 @@ impl Module {
             spool: ModuleSpool::open(store, &config.id, spool_max_bytes)?,
             component: Mutex::new(None),
             metrics: ModuleMetrics::default(),
-            config,
+            id: config.id.clone(),
+            config: RwLock::new(Arc::new(config)),
+            draining: AtomicBool::new(false),
+            replay: Arc::default(),
         })
+    }
+
+    /// The module's configuration now (a change through the admin API
+    /// replaces it between two messages).
+    pub fn config(&self) -> Arc<ModuleConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the configuration (the ID stays).
+    pub fn set_config(&self, config: ModuleConfig) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+
+    /// Whether it was deleted and is sending what is left in its spool.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks it deleted.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// The component it runs now, if loaded.
+    pub fn component(&self) -> Option<ComponentInfo> {
+        self.component
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Counters, with the spool's current size.
@@ -100,5 +143,43 @@ impl ComponentInfo {
     /// The first 12 hex digits of the hash, for logs.
     pub fn short_hash(&self) -> &str {
         self.sha256.get(..12).unwrap_or(&self.sha256)
+    }
+}
+
+/// The modules running now, in configuration order; the admin API adds,
+/// replaces and removes them while ksm runs.
+#[derive(Debug, Default)]
+pub struct ModuleSet(RwLock<Arc<[Arc<Module>]>>);
+
+impl ModuleSet {
+    /// A set of these modules.
+    pub fn new(modules: Vec<Arc<Module>>) -> Self {
+        Self(RwLock::new(modules.into()))
+    }
+
+    /// The modules now.
+    pub fn all(&self) -> Arc<[Arc<Module>]> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The module with this ID.
+    pub fn get(&self, id: &str) -> Option<Arc<Module>> {
+        self.all().iter().find(|m| m.id == id).cloned()
+    }
+
+    /// Adds a module at the end.
+    pub fn push(&self, module: Arc<Module>) {
+        let mut modules = self.0.write().unwrap_or_else(|e| e.into_inner());
+        *modules = modules.iter().cloned().chain([module]).collect();
+    }
+
+    /// Removes a module.
+    pub fn remove(&self, module: &Arc<Module>) {
+        let mut modules = self.0.write().unwrap_or_else(|e| e.into_inner());
+        *modules = modules
+            .iter()
+            .filter(|m| !Arc::ptr_eq(m, module))
+            .cloned()
+            .collect();
     }
 }

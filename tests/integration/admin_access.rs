@@ -86,8 +86,11 @@ async fn with_a_token_every_endpoint_but_health_needs_it() {
     let wrong = "admin-token-0123456789abcdeX";
     let logs = format!("/api/modules/{MODULE}/logs");
     let letters = format!("/api/modules/{MODULE}/dead-letters");
+    let one = format!("/api/modules/{MODULE}");
     let endpoints = [
         ("GET", "/api/modules"),
+        ("GET", one.as_str()),
+        ("GET", "/api/config"),
         ("GET", "/metrics"),
         ("GET", logs.as_str()),
         ("GET", letters.as_str()),
@@ -108,11 +111,13 @@ async fn with_a_token_every_endpoint_but_health_needs_it() {
         }
     }
     for token in [None, Some(wrong)] {
-        assert_eq!(
-            status_with(&host, token, "GET", "/api/health"),
-            200,
-            "health is open, token {token:?}"
-        );
+        for open in ["/api/health", "/", "/console.js", "/console.css"] {
+            assert_eq!(
+                status_with(&host, token, "GET", open),
+                200,
+                "{open} is open, token {token:?}"
+            );
+        }
     }
     let without_bearer = raw_http(
         host.admin_addr(),
@@ -125,13 +130,18 @@ async fn with_a_token_every_endpoint_but_health_needs_it() {
         "the token alone is not `Bearer TOKEN`"
     );
 
-    // Refused purges and replays do nothing: the dead letter is still there.
+    // Refused purges, replays and module changes do nothing: the dead
+    // letter and the module are still there.
     let replay = format!("{letters}/replay");
     for token in [None, Some(wrong)] {
         assert_eq!(status_with(&host, token, "DELETE", &letters), 401);
         assert_eq!(status_with(&host, token, "POST", &replay), 401);
+        assert_eq!(status_with(&host, token, "DELETE", &one), 401);
+        assert_eq!(status_with(&host, token, "PUT", &one), 401);
+        assert_eq!(status_with(&host, token, "POST", "/api/modules"), 401);
     }
     assert_eq!(host.all_dead_letters(MODULE).len(), 1);
+    assert_eq!(host.get("/api/modules").as_array().map(Vec::len), Some(1));
     let log = host.module_log(MODULE);
     assert!(
         !log.contains("purged") && !log.contains("queued for replay"),

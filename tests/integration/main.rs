@@ -20,6 +20,8 @@
 //! - `admin_access`: the admin token (401 without, 200 with, health open), loopback-only
 //!   without a token, bounded bodies, HTTPS, the CLI with a token.
 //! - `metrics`: `/metrics` scraped during a run, checked against the stream.
+//! - `module_api`: modules added, changed and deleted through the admin API under load,
+//!   kept in the configuration file, refused as `ksm validate` refuses them.
 //! - `tls_broker`: TLS and mutual-TLS brokers, device identity at the broker, each
 //!   connection failure explained, certificate rotation, secrets kept out of logs.
 //! - `hot_swap`: components swapped while ksm runs; bad ones refused; per-module components.
@@ -45,6 +47,7 @@ mod hot_swap;
 mod kinesalite;
 mod kinesis_faults;
 mod metrics;
+mod module_api;
 mod packet_limit;
 mod recycling;
 mod restart;

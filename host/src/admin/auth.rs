@@ -1,7 +1,7 @@
 //! Who may call the admin API: with a token set, every request but
-//! `GET /api/health` must carry `Authorization: Bearer TOKEN` (compared in
-//! constant time); and no request may announce a body larger than
-//! [`MAX_BODY_BYTES`].
+//! `GET /api/health` and the console's own files (which hold no data) must
+//! carry `Authorization: Bearer TOKEN` (compared in constant time); and no
+//! request may announce a body larger than [`MAX_BODY_BYTES`].
 
 use std::sync::Arc;
 
@@ -43,7 +43,8 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 }
 
 /// The middleware: refuses oversized bodies (413) and, when a token is
-/// set, requests without it (401); `/api/health` is always open.
+/// set, requests without it (401); `/api/health` and the console's files
+/// are always open.
 pub async fn guard(State(token): State<Token>, request: Request, next: Next) -> Response {
     let announced = request
         .headers()
@@ -56,7 +57,10 @@ pub async fn guard(State(token): State<Token>, request: Request, next: Next) -> 
         )
             .into_response();
     }
-    let open = request.uri().path() == "/api/health";
+    let open = matches!(
+        request.uri().path(),
+        "/api/health" | "/" | "/console.js" | "/console.css"
+    );
     if !open && !token.admits(request.headers().get(header::AUTHORIZATION)) {
         return (
             StatusCode::UNAUTHORIZED,

@@ -1,11 +1,20 @@
-//! The admin HTTP API: modules with their counters, activity logs and dead
-//! letters, as JSON.
+//! The admin HTTP API: modules with their counters, settings, activity logs
+//! and dead letters, as JSON; and the console, a web page over it.
 //!
+//! - `GET /`: the console ([`console`]); it asks for the token and keeps it
+//!   in the browser's session.
 //! - `GET /api/health`: 200 when connected to the broker and subscribed
 //!   (ready to receive), 503 otherwise.
-//! - `GET /api/modules`: every module, its stream and counters.
-//! - `GET /api/modules/{id}/logs?level=error`: entries at or above a level
-//!   (default `info`), oldest first.
+//! - `GET /api/modules`: every module: its settings, status (`running`, or
+//!   `draining` once deleted), stream, counters and component.
+//! - `GET /api/modules/{id}`: one module, the same way.
+//! - `POST /api/modules`, `PUT /api/modules/{id}`, `DELETE
+//!   /api/modules/{id}`: add, change and delete modules while ksm runs,
+//!   kept in the configuration file; see [`modules`] and
+//!   [`crate::manager`].
+//! - `GET /api/config`: the running configuration, without secrets.
+//! - `GET /api/modules/{id}/logs?level=error&limit=N`: entries at or above
+//!   a level (default `info`), oldest first; with `limit`, the newest N.
 //! - `GET /api/modules/{id}/dead-letters?after=ID&limit=N`: one page of
 //!   refused data with its reasons, oldest first, IDs above `after`
 //!   (default 0). A page holds at most `limit` letters (default 100; a
@@ -42,8 +51,12 @@
 //! costs the host a bounded amount of memory.
 
 pub mod auth;
+mod console;
+pub mod modules;
 mod serve;
 
+pub use crate::manager::Deletion;
+pub use modules::{ModuleSummary, Problems};
 pub(crate) use serve::serve;
 
 use std::sync::Arc;
@@ -57,14 +70,16 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc::WeakSender;
-use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
-use crate::activity::{CounterSnapshot, Level, LogEntry};
+use crate::activity::{Level, LogEntry};
 use crate::components::{Components, ReloadOutcome};
+use crate::manager::ModuleManager;
 use crate::metrics::Metrics;
-use crate::module::{ComponentInfo, Module};
+use crate::module::Module;
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::{Charge, InFlight};
+use crate::pipeline::route::Inbound;
 use crate::pipeline::source::{Message, Replay, ReplayRecord, SourceStatus, Topic};
 use crate::store::StoreError;
 use crate::store::dead_letter::{DeadLetter, PAGE_DATA_BYTES, Pending};
@@ -82,27 +97,6 @@ const REPLAY_BATCH_LETTERS: usize = 64;
 /// (data kept in files is read one letter at a time, once charged).
 const REPLAY_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
-/// A module as `GET /api/modules` shows it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ModuleSummary {
-    /// Module ID.
-    pub id: String,
-    /// Description.
-    pub description: String,
-    /// Target stream.
-    pub stream_name: String,
-    /// Its region.
-    pub region: String,
-    /// Subscribed event types.
-    pub subscribe_events: Vec<String>,
-    /// Bulk data label.
-    pub bulk_data_label: Option<String>,
-    /// Counters since start.
-    pub counters: CounterSnapshot,
-    /// The component its guest runs.
-    pub component: Option<ComponentInfo>,
-}
-
 /// An error answer: a status and a plain-text reason.
 struct ApiError(StatusCode, String);
 
@@ -115,6 +109,7 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Deserialize)]
 struct LogQuery {
     level: Option<String>,
+    limit: Option<usize>,
 }
 
 /// The answer of `GET /api/health`.
@@ -126,19 +121,15 @@ pub struct Health {
     pub ready: bool,
 }
 
-type Modules = Arc<[Arc<Module>]>;
-
 #[derive(Clone)]
 struct AppState {
-    modules: Modules,
+    manager: Arc<ModuleManager>,
     source: Arc<SourceStatus>,
-    inbox: WeakSender<Message>,
+    inbox: WeakSender<Inbound>,
     components: Arc<Components>,
     inflight: Arc<InFlight>,
     /// Permits to build (and hold until sent) a listing page.
     reads: Arc<Semaphore>,
-    /// Per module (in module order), held while a replay runs.
-    replays: Arc<[Arc<Mutex<()>>]>,
     /// What `/metrics` shows.
     metrics: Metrics,
 }
@@ -193,20 +184,30 @@ enum Selection {
     Ids(Vec<u64>),
 }
 
-/// The admin API's routes over the running modules, behind `token`; replays go into `inbox`
-/// (held weakly, so it does not keep the router running at shutdown),
-/// within the in-flight budget.
-pub fn router(
-    modules: Modules,
+/// The admin API's routes over the modules `manager` runs, behind `token`;
+/// replays go into `inbox` (held weakly, so it does not keep the router
+/// running at shutdown), within the in-flight budget.
+pub(crate) fn router(
+    manager: Arc<ModuleManager>,
     source: Arc<SourceStatus>,
-    inbox: WeakSender<Message>,
+    inbox: WeakSender<Inbound>,
     components: Arc<Components>,
     inflight: Arc<InFlight>,
     token: auth::Token,
 ) -> Router {
     Router::new()
+        .route("/", get(console::page))
+        .route("/console.js", get(console::script))
+        .route("/console.css", get(console::style))
         .route("/api/health", get(health))
-        .route("/api/modules", get(list_modules))
+        .route("/api/modules", get(modules::list).post(modules::create))
+        .route(
+            "/api/modules/{id}",
+            get(modules::show)
+                .put(modules::update)
+                .delete(modules::delete),
+        )
+        .route("/api/config", get(modules::running_config))
         .route("/api/modules/{id}/logs", get(module_logs))
         .route(
             "/api/modules/{id}/dead-letters",
@@ -220,9 +221,8 @@ pub fn router(
         .route("/api/component/reload", post(reload_components))
         .route("/metrics", get(metrics))
         .with_state(AppState {
-            replays: modules.iter().map(|_| Arc::new(Mutex::new(()))).collect(),
-            metrics: Metrics::new(modules.clone(), source.clone()),
-            modules,
+            metrics: Metrics::new(manager.modules().clone(), source.clone()),
+            manager,
             source,
             inbox,
             components,
@@ -253,51 +253,31 @@ async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     (status, Json(health))
 }
 
-async fn list_modules(
-    State(AppState { modules, .. }): State<AppState>,
-) -> Json<Vec<ModuleSummary>> {
-    Json(
-        modules
-            .iter()
-            .map(|m| ModuleSummary {
-                id: m.config.id.clone(),
-                description: m.config.description.clone(),
-                stream_name: m.config.stream_name.clone(),
-                region: m.config.region.clone(),
-                subscribe_events: m.config.subscribe_events.clone(),
-                bulk_data_label: m.config.bulk_data_label.clone(),
-                counters: m.counters(),
-                component: m
-                    .component
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone(),
-            })
-            .collect(),
-    )
-}
-
 async fn module_logs(
-    State(AppState { modules, .. }): State<AppState>,
+    State(AppState { manager, .. }): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<LogQuery>,
 ) -> Result<Json<Vec<LogEntry>>, ApiError> {
-    let module = find(&modules, &id)?;
+    let module = find(&manager, &id)?;
     let level = match query.level.as_deref() {
         None => Level::Info,
         Some(text) => text
             .parse()
             .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))?,
     };
-    Ok(Json(module.log.entries(level)))
+    let mut entries = module.log.entries(level);
+    if let Some(limit) = query.limit {
+        entries.drain(..entries.len().saturating_sub(limit));
+    }
+    Ok(Json(entries))
 }
 
 async fn dead_letters(
-    State(AppState { modules, reads, .. }): State<AppState>,
+    State(AppState { manager, reads, .. }): State<AppState>,
     Path(id): Path<String>,
     Query(page): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
-    let module = find(&modules, &id)?.clone();
+    let module = find(&manager, &id)?;
     let limit = page
         .limit
         .unwrap_or(DEFAULT_PAGE_LETTERS)
@@ -314,10 +294,10 @@ async fn dead_letters(
 }
 
 async fn dead_letter(
-    State(AppState { modules, .. }): State<AppState>,
+    State(AppState { manager, .. }): State<AppState>,
     Path((id, n)): Path<(String, u64)>,
 ) -> Result<Response, ApiError> {
-    let module = find(&modules, &id)?.clone();
+    let module = find(&manager, &id)?;
     let Some(shown) = blocking(move || module.dead_letters.show(n)).await? else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -347,11 +327,11 @@ async fn dead_letter(
 }
 
 async fn purge_dead_letters(
-    State(AppState { modules, .. }): State<AppState>,
+    State(AppState { manager, .. }): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<IdsQuery>,
 ) -> Result<Json<DeadLetterCount>, ApiError> {
-    let module = find(&modules, &id)?.clone();
+    let module = find(&manager, &id)?;
     let ids = query.ids()?;
     let purging = module.clone();
     let count = blocking(move || purging.dead_letters.purge(ids.as_deref())).await?;
@@ -363,18 +343,22 @@ async fn purge_dead_letters(
 
 async fn replay_dead_letters(
     State(AppState {
-        modules,
+        manager,
         inbox,
         inflight,
-        replays,
         ..
     }): State<AppState>,
     Path(id): Path<String>,
     Query(query): Query<IdsQuery>,
 ) -> Result<(StatusCode, Json<DeadLetterCount>), ApiError> {
-    let index = position(&modules, &id)?;
-    let module = modules[index].clone();
-    let Ok(running) = replays[index].clone().try_lock_owned() else {
+    let module = find(&manager, &id)?;
+    if module.is_draining() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("module `{id}` is being deleted: it takes no more messages, replays neither"),
+        ));
+    }
+    let Ok(running) = module.replay.clone().try_lock_owned() else {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("a replay of module `{id}`'s dead letters is still running"),
@@ -411,7 +395,6 @@ async fn replay_dead_letters(
     );
     let job = ReplayJob {
         module,
-        index,
         inbox,
         inflight,
     };
@@ -422,8 +405,7 @@ async fn replay_dead_letters(
 /// Where a replay sends its letters.
 struct ReplayJob {
     module: Arc<Module>,
-    index: usize,
-    inbox: WeakSender<Message>,
+    inbox: WeakSender<Inbound>,
     inflight: Arc<InFlight>,
 }
 
@@ -496,9 +478,12 @@ impl ReplayJob {
             let Some(letter) = blocking(move || module.dead_letters.load(pending)).await? else {
                 continue;
             };
-            let message = replay_message(&self.module, self.index, letter, charge);
+            let message = replay_message(&self.module, letter, charge);
             let inbox = self.inbox.upgrade().ok_or_else(stopping)?;
-            inbox.send(message).await.map_err(|_| stopping())?;
+            inbox
+                .send(Inbound::Message(message))
+                .await
+                .map_err(|_| stopping())?;
             *sent += 1;
         }
         Ok(())
@@ -507,12 +492,7 @@ impl ReplayJob {
 
 /// A dead letter as a message for one module; once what it produces is
 /// safe, the dead letter is deleted.
-fn replay_message(
-    module: &Arc<Module>,
-    index: usize,
-    letter: DeadLetter,
-    charge: Charge,
-) -> Message {
+fn replay_message(module: &Arc<Module>, letter: DeadLetter, charge: Charge) -> Message {
     let payload = match (&letter.partition_key, letter.record_index) {
         // One refused bulk record goes through the guest as a one-record payload.
         (None, Some(_)) => Bytes::from(crate::bulk::encode([&letter.data])),
@@ -542,7 +522,7 @@ fn replay_message(
         received_at: time::OffsetDateTime::now_utc(),
         settlement: Settlement::new(Some(on_settled)),
         replay: Some(Replay {
-            module: index,
+            module: module.clone(),
             record,
         }),
         charge,
@@ -616,14 +596,10 @@ fn json_answer(body: Vec<u8>, permit: OwnedSemaphorePermit) -> Response {
         .into_response()
 }
 
-fn find<'a>(modules: &'a Modules, id: &str) -> Result<&'a Arc<Module>, ApiError> {
-    Ok(&modules[position(modules, id)?])
-}
-
-/// The index of module `id`, in configuration order.
-fn position(modules: &Modules, id: &str) -> Result<usize, ApiError> {
-    modules
-        .iter()
-        .position(|m| m.config.id == id)
+/// The module `id`.
+fn find(manager: &ModuleManager, id: &str) -> Result<Arc<Module>, ApiError> {
+    manager
+        .modules()
+        .get(id)
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no module `{id}`")))
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::serve::Listener;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -18,17 +19,44 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most handshakes under way at once; more connections wait in the backlog.
 const MAX_HANDSHAKES: usize = 64;
 
+/// The client's address, for the activity log's "who".
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(SocketAddr);
+
+impl Peer {
+    /// Who made a change, as the activity log says it.
+    pub fn who(&self) -> String {
+        format!("the admin API (client {})", self.0)
+    }
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
 /// Serves `app` on `listener` until the task is dropped; over TLS when
 /// `tls` is given.
 pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerConfig>>) {
     let result = match tls {
-        None => axum::serve(listener, app).await,
+        None => {
+            let app = app.into_make_service_with_connect_info::<Peer>();
+            axum::serve(listener, app).await
+        }
         Some(config) => {
             let listener = TlsListener {
                 tcp: listener,
                 acceptor: TlsAcceptor::from(config),
                 handshakes: JoinSet::new(),
             };
+            let app = app.into_make_service_with_connect_info::<Peer>();
             axum::serve(listener, app).await
         }
     };
@@ -38,7 +66,7 @@ pub async fn serve(listener: TcpListener, app: Router, tls: Option<Arc<ServerCon
 }
 
 /// A TCP listener whose connections come out once their TLS handshake is done.
-struct TlsListener {
+pub struct TlsListener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,

@@ -2,6 +2,7 @@
 //! `validate()` that reports every problem with the field it concerns.
 
 mod admin;
+pub mod file;
 mod mqtt;
 
 use std::collections::HashSet;
@@ -49,6 +50,10 @@ pub struct Config {
     pub devices: Vec<DeviceConfig>,
     /// The smart modules, each forwarding to one Kinesis stream.
     pub modules: Vec<ModuleConfig>,
+    /// The file it was read from, where module changes made through the
+    /// admin API are written back ([`file`]); `None`: they last until ksm stops.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// Which WebAssembly component holds the module logic, and its sandbox limits.
@@ -278,7 +283,7 @@ impl Default for ModuleConfig {
 }
 
 /// One thing wrong with a configuration, and the field it concerns.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Problem {
     /// Dotted path of the field, e.g. `modules[0].role_arn`.
     pub field: String,
@@ -344,7 +349,9 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let mut config = Self::from_toml(&text, path)?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
@@ -581,6 +588,24 @@ impl Config {
         problems
     }
 
+    /// The problems of this configuration that concern its module at
+    /// `index`, each named by its field within the module (`stream_name`),
+    /// and those of the module list as a whole (`modules`).
+    pub fn module_problems(&self, index: usize) -> Vec<Problem> {
+        let prefix = format!("modules[{index}].");
+        self.validate()
+            .into_iter()
+            .filter_map(|problem| {
+                let field = match problem.field.strip_prefix(&prefix) {
+                    Some(field) => field.to_owned(),
+                    None if problem.field == "modules" => problem.field,
+                    None => return None,
+                };
+                Some(Problem { field, ..problem })
+            })
+            .collect()
+    }
+
     /// The registry entry of a device, if it is registered.
     pub fn device(&self, id: u64) -> Option<&DeviceConfig> {
         self.devices.iter().find(|d| d.id == id)
@@ -632,7 +657,7 @@ fn parse_message(text: &str, error: &toml::de::Error) -> String {
 }
 
 /// Writes a key path the way problems name fields: `modules[1].surprise`.
-fn field_path(path: &serde_ignored::Path<'_>) -> String {
+pub(crate) fn field_path(path: &serde_ignored::Path<'_>) -> String {
     use serde_ignored::Path;
     match path {
         Path::Root => String::new(),

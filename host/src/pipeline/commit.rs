@@ -77,6 +77,48 @@ pub struct CommitTarget {
     pub sink: UnboundedSender<Vec<SpoolRecord>>,
     /// The next spool sequence number.
     pub next_seq: u64,
+    /// Whether its spool was found full (and the log said so).
+    full: bool,
+}
+
+impl CommitTarget {
+    /// A module's target: its records get sequence numbers from `next_seq`
+    /// on and go to `sink` once committed.
+    pub fn new(
+        module: Arc<Module>,
+        sink: UnboundedSender<Vec<SpoolRecord>>,
+        next_seq: u64,
+    ) -> Self {
+        Self {
+            module,
+            sink,
+            next_seq,
+            full: false,
+        }
+    }
+}
+
+/// What the committer's input carries: jobs, and changes to its targets
+/// at the place the router made them.
+pub enum Work {
+    /// One message's output.
+    Job(Job),
+    /// A change to the targets; `Done` is told once it is applied.
+    Change(TargetChange, Done),
+}
+
+/// Told once a change is applied.
+pub type Done = tokio::sync::oneshot::Sender<()>;
+
+/// A change to the modules the committer writes for.
+pub enum TargetChange {
+    /// A new module, after the others.
+    Add(CommitTarget),
+    /// A module that gets no more jobs; dropping its sink's input lets the
+    /// sink send what is left in the spool and end.
+    Remove(Arc<Module>),
+    /// A module's records go to a new sink from now on.
+    Sink(Arc<Module>, UnboundedSender<Vec<SpoolRecord>>),
 }
 
 /// The commit thread: writes jobs to the store in groups, syncs once per
@@ -87,7 +129,6 @@ pub struct Committer {
     targets: Vec<CommitTarget>,
     stopping: Arc<AtomicBool>,
     guard: Arc<CrashGuard>,
-    full: Vec<bool>,
 }
 
 impl Committer {
@@ -100,35 +141,67 @@ impl Committer {
         stopping: Arc<AtomicBool>,
         guard: Arc<CrashGuard>,
     ) -> Self {
-        let full = vec![false; targets.len()];
         Self {
             store,
             targets,
             stopping,
             guard,
-            full,
         }
     }
 
-    /// Commits jobs until the channel closes.
-    pub fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+    /// Commits jobs until the channel closes; a change ends a group and is
+    /// applied before the jobs after it.
+    pub fn run(mut self, input: std::sync::mpsc::Receiver<Work>) {
         let mut group = Vec::new();
-        // A job that did not fit the last group starts the next one.
-        let mut next: Option<Job> = None;
-        while let Some(first) = next.take().or_else(|| jobs.recv().ok()) {
+        // Work that did not fit the last group starts the next one.
+        let mut next: Option<Work> = None;
+        while let Some(first) = next.take().or_else(|| input.recv().ok()) {
+            let first = match first {
+                Work::Job(job) => job,
+                Work::Change(change, done) => {
+                    self.change(change);
+                    let _ = done.send(());
+                    continue;
+                }
+            };
             let mut bytes = first.written_bytes();
             group.push(first);
             while group.len() < MAX_GROUP && bytes < MAX_GROUP_BYTES {
-                let Ok(job) = jobs.try_recv() else { break };
+                let job = match input.try_recv() {
+                    Ok(Work::Job(job)) => job,
+                    Ok(change) => {
+                        next = Some(change);
+                        break;
+                    }
+                    Err(_) => break,
+                };
                 let more = job.written_bytes();
                 if bytes + more > MAX_GROUP_BYTES {
-                    next = Some(job);
+                    next = Some(Work::Job(job));
                     break;
                 }
                 bytes += more;
                 group.push(job);
             }
             self.commit_all(std::mem::take(&mut group));
+        }
+    }
+
+    fn change(&mut self, change: TargetChange) {
+        match change {
+            TargetChange::Add(target) => self.targets.push(target),
+            TargetChange::Remove(module) => self
+                .targets
+                .retain(|target| !Arc::ptr_eq(&target.module, &module)),
+            TargetChange::Sink(module, sink) => {
+                if let Some(target) = self
+                    .targets
+                    .iter_mut()
+                    .find(|target| Arc::ptr_eq(&target.module, &module))
+                {
+                    target.sink = sink;
+                }
+            }
         }
     }
 
@@ -166,13 +239,13 @@ impl Committer {
     fn wait_for_room(&mut self, job: &Job) -> bool {
         for (i, staged) in job.staged.iter().enumerate() {
             let Some(staged) = staged else { continue };
-            let target = &self.targets[i];
+            let target = &mut self.targets[i];
             let spool = &target.module.spool;
             if spool.has_room(0, staged.bytes()) {
                 continue;
             }
-            if !self.full[i] {
-                self.full[i] = true;
+            if !target.full {
+                target.full = true;
                 let (records, bytes) = spool.len();
                 target.module.log.write(
                     Level::Warn,
@@ -188,10 +261,10 @@ impl Committer {
                 return false;
             }
         }
-        for (i, full) in self.full.iter_mut().enumerate() {
-            if *full && job.staged[i].is_some() {
-                *full = false;
-                self.targets[i]
+        for (i, target) in self.targets.iter_mut().enumerate() {
+            if target.full && job.staged[i].is_some() {
+                target.full = false;
+                target
                     .module
                     .log
                     .write(Level::Info, "spool has room again: acknowledging messages");

@@ -6,6 +6,11 @@
 //! microseconds, bounded by the call deadline), and must not stall the async
 //! tasks that talk to the broker and to Kinesis.
 //!
+//! Its inbox carries messages and, in the same order, changes to the
+//! modules it serves ([`Change`]: new guests, modules added and removed):
+//! each change is applied between two messages, and the committer applies
+//! its part at the same place in its own input.
+//!
 //! # Layout
 //! - [`answer`]: a guest's answer checked against the call's budget.
 
@@ -14,20 +19,20 @@ pub mod answer;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::mpsc::SyncSender;
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::mpsc::{self, UnboundedSender};
 
 use crate::activity::{Counters, Level};
 use crate::bindings::types::{DeviceContext, HomeContext};
 use crate::clock;
 use crate::components::Swap;
-use crate::config::DeviceConfig;
+use crate::config::{DeviceConfig, ModuleConfig};
 use crate::kinesis::check_record;
 use crate::metrics::TrapKind;
 use crate::module::Module;
-use crate::pipeline::commit::{Job, Staged};
+use crate::pipeline::commit::{CommitTarget, Done, Job, Staged, TargetChange, Work};
 use crate::pipeline::crash_guard::{CrashGuard, Fingerprint, Standing, fingerprint};
 use crate::pipeline::source::{Message, Replay, ReplayRecord, Topic};
 use crate::runtime::{Guest, GuestFault, Handled, Input, Mqtt};
@@ -43,6 +48,49 @@ pub struct Route {
     pub guest: Guest,
 }
 
+/// What the router's inbox carries.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "messages are nearly all of it: boxing them would cost an allocation each"
+)]
+pub enum Inbound {
+    /// A message from the broker, or a replayed dead letter.
+    Message(Message),
+    /// A change to the modules, applied after the messages before it.
+    Change(Box<Change>),
+}
+
+/// A change to the modules the router serves.
+pub enum Change {
+    /// New guests for some modules (a component reloaded, or new settings).
+    Swap(Swap),
+    /// A new module, and where its output is committed.
+    Add {
+        /// Its guest.
+        route: Box<Route>,
+        /// Its spool and sink.
+        target: CommitTarget,
+        /// Told once the committer has it.
+        done: Done,
+    },
+    /// A module that takes no more messages.
+    Remove {
+        /// The module.
+        module: Arc<Module>,
+        /// Told once the committer has let go of its sink.
+        done: Done,
+    },
+    /// A module's spooled records go to a new sink from now on.
+    Sink {
+        /// The module.
+        module: Arc<Module>,
+        /// The new sink's input.
+        sink: UnboundedSender<Vec<SpoolRecord>>,
+        /// Told once the committer sends there.
+        done: Done,
+    },
+}
+
 /// Routes messages to modules.
 pub struct Router {
     routes: Vec<Route>,
@@ -50,8 +98,7 @@ pub struct Router {
     budget: Budget,
     guard: Arc<CrashGuard>,
     stopping: Arc<AtomicBool>,
-    committer: SyncSender<Job>,
-    swaps: Receiver<Swap>,
+    committer: SyncSender<Work>,
 }
 
 /// Most messages the router takes from its inbox at once (one crash-guard
@@ -61,16 +108,15 @@ const MAX_BATCH: usize = 256;
 impl Router {
     /// A router over the given modules (in configuration order) and device
     /// registry, holding guests to `budget`, telling `guard` what is in
-    /// flight, committing through `committer` and taking new guests from
-    /// `swaps` between messages. `stopping` ends a wait for the committer.
+    /// flight and committing through `committer`. `stopping` ends a wait
+    /// for the committer.
     pub fn new(
         routes: Vec<Route>,
         devices: &[DeviceConfig],
         budget: Budget,
         guard: Arc<CrashGuard>,
         stopping: Arc<AtomicBool>,
-        committer: SyncSender<Job>,
-        swaps: Receiver<Swap>,
+        committer: SyncSender<Work>,
     ) -> Self {
         Self {
             routes,
@@ -79,24 +125,53 @@ impl Router {
             guard,
             stopping,
             committer,
-            swaps,
         }
     }
 
     /// Routes messages until the inbox closes. Dropping the router then
     /// closes the committer's input, so it commits what is left and ends.
-    pub fn run(mut self, mut inbox: mpsc::Receiver<Message>) {
+    pub fn run(mut self, mut inbox: mpsc::Receiver<Inbound>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = inbox.blocking_recv() {
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match inbox.try_recv() {
-                    Ok(message) => batch.push(message),
-                    Err(_) => break,
+            let mut next = Some(first);
+            while let Some(inbound) = next.take() {
+                match inbound {
+                    Inbound::Message(message) => batch.push(message),
+                    Inbound::Change(change) => {
+                        self.route_batch(std::mem::take(&mut batch));
+                        self.apply(*change);
+                    }
+                }
+                if batch.len() < MAX_BATCH {
+                    next = inbox.try_recv().ok();
                 }
             }
             self.route_batch(std::mem::take(&mut batch));
         }
+    }
+
+    /// Applies a change; the committer's part goes to it behind the jobs
+    /// of the messages before.
+    fn apply(&mut self, change: Change) {
+        let (change, done) = match change {
+            Change::Swap(swap) => return self.switch(swap),
+            Change::Add {
+                route,
+                target,
+                done,
+            } => {
+                self.routes.push(*route);
+                (TargetChange::Add(target), done)
+            }
+            Change::Remove { module, done } => {
+                self.routes
+                    .retain(|route| !Arc::ptr_eq(&route.module, &module));
+                (TargetChange::Remove(module), done)
+            }
+            Change::Sink { module, sink, done } => (TargetChange::Sink(module, sink), done),
+        };
+        // A stopped committer drops `done`: the change is not applied.
+        let _ = self.committer.send(Work::Change(change, done));
     }
 
     /// Routes a batch: runs of clean messages recorded in flight together
@@ -155,7 +230,12 @@ impl Router {
             .iter()
             .map(|route| {
                 Counters::add(&route.module.counters.received, 1);
-                stage(&route.module, &message, Outcome::Refused(reason.clone()))
+                stage(
+                    &route.module,
+                    &message,
+                    Outcome::Refused(reason.clone()),
+                    route.module.config().max_record_size,
+                )
             })
             .collect();
         self.send(Job {
@@ -166,7 +246,7 @@ impl Router {
     }
 
     fn send(&self, job: Job) {
-        if self.committer.send(job).is_err() {
+        if self.committer.send(Work::Job(job)).is_err() {
             self.guard.end(1);
             tracing::warn!("the committer has stopped; message left unacknowledged");
         }
@@ -177,16 +257,20 @@ impl Router {
     fn switch(&mut self, swap: Swap) {
         let started = Instant::now();
         let mut switched = Vec::with_capacity(swap.guests.len());
-        for (index, guest, info) in swap.guests {
-            let Some(route) = self.routes.get_mut(index) else {
+        for (module, guest, info) in swap.guests {
+            let Some(route) = self
+                .routes
+                .iter_mut()
+                .find(|route| Arc::ptr_eq(&route.module, &module))
+            else {
                 continue;
             };
             route.guest = guest;
-            switched.push((index, info));
+            switched.push((module, info));
         }
         let pause = started.elapsed();
-        for (index, info) in switched {
-            self.routes[index].module.log.write(
+        for (module, info) in switched {
+            module.log.write(
                 Level::Info,
                 format!(
                     "now running component sha256 {} (switched between two messages in {} µs)",
@@ -199,21 +283,28 @@ impl Router {
 
     /// Routes messages in order: each module's guest gets those of them it
     /// must run in one [`Guest::handle`] (a 1.1 guest in batch calls), then
-    /// each message's outcomes go to the committer, in order. New guests
-    /// are put in service before the run.
+    /// each message's outcomes go to the committer, in order. A replay for
+    /// a module that is gone is left unsettled: its dead letter stays.
     fn route_run(&mut self, mut messages: Vec<Message>) {
+        let routed = |message: &Message| {
+            message.replay.as_ref().is_none_or(|replay| {
+                self.routes
+                    .iter()
+                    .any(|route| Arc::ptr_eq(&route.module, &replay.module))
+            })
+        };
+        let before = messages.len();
+        messages.retain(routed);
+        self.guard.end(before - messages.len());
         if messages.is_empty() {
             return;
-        }
-        while let Ok(swap) = self.swaps.try_recv() {
-            self.switch(swap);
         }
         #[cfg(debug_assertions)]
         for message in &messages {
             crate::pipeline::crash_guard::abort_if_marked(&message.payload);
         }
         let contexts: Vec<Context> = messages.iter().map(|m| self.context(m)).collect();
-        let bad_topic_owners: Vec<Option<usize>> = messages
+        let bad_topic_owners: Vec<Option<Arc<Module>>> = messages
             .iter()
             .map(|m| {
                 m.kind
@@ -227,15 +318,16 @@ impl Router {
         let mut staged: Vec<Vec<Option<Staged>>> = (0..messages.len())
             .map(|_| Vec::with_capacity(self.routes.len()))
             .collect();
-        for (index, route) in self.routes.iter_mut().enumerate() {
+        for route in self.routes.iter_mut() {
             let module = &route.module;
+            let max_record_size = module.config().max_record_size;
             let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(messages.len());
             let mut inputs = Vec::new();
             let mut called = Vec::new();
             for (position, message) in messages.iter().enumerate() {
-                let for_another = match (&message.replay, bad_topic_owners[position]) {
-                    (Some(replay), _) => replay.module != index,
-                    (None, Some(owner)) => owner != index,
+                let for_another = match (&message.replay, &bad_topic_owners[position]) {
+                    (Some(replay), _) => !Arc::ptr_eq(&replay.module, module),
+                    (None, Some(owner)) => !Arc::ptr_eq(owner, module),
                     (None, None) => false,
                 };
                 if for_another {
@@ -286,7 +378,7 @@ impl Router {
                     staged[position].push(None);
                     continue;
                 };
-                let kept = stage(module, message, outcome);
+                let kept = stage(module, message, outcome, max_record_size);
                 if !matches!(message.kind, Ok(Topic::BulkData { .. }))
                     && let Some(kept) = &kept
                 {
@@ -399,18 +491,24 @@ fn timed(module: &Module, guest: &mut Guest, inputs: &[Input<'_>]) -> Handled {
 /// The module that keeps a message whose topic is not a MODE topic (one
 /// dead letter, not one per module): the first whose bulk data label the
 /// topic names, else the first that takes events, else the first.
-fn owner_of_bad_topic(routes: &[Route], topic: &str) -> usize {
+fn owner_of_bad_topic(routes: &[Route], topic: &str) -> Arc<Module> {
     let levels: Vec<&str> = topic.split('/').collect();
-    let position = |wanted: &dyn Fn(&Route) -> bool| routes.iter().position(wanted);
+    let find = |wanted: &dyn Fn(&ModuleConfig) -> bool| {
+        routes
+            .iter()
+            .find(|route| wanted(&route.module.config()))
+            .map(|route| route.module.clone())
+    };
     let by_label = match levels[..] {
         ["", "devices", _, "bulkData", label] => {
-            position(&|route: &Route| route.module.config.bulk_data_label.as_deref() == Some(label))
+            find(&|config: &ModuleConfig| config.bulk_data_label.as_deref() == Some(label))
         }
         _ => None,
     };
     by_label
-        .or_else(|| position(&|route: &Route| !route.module.config.subscribe_events.is_empty()))
-        .unwrap_or(0)
+        .or_else(|| find(&|config: &ModuleConfig| !config.subscribe_events.is_empty()))
+        .or_else(|| routes.first().map(|route| route.module.clone()))
+        .expect("a message is routed only while a module runs")
 }
 
 /// A replayed record, produced as it was.
@@ -424,7 +522,12 @@ fn replayed(record: &ReplayRecord, message: &Message) -> Produced {
 
 /// What a module keeps of a message: records checked against the Kinesis
 /// limits (those that break them become dead letters), and dead letters.
-fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged> {
+fn stage(
+    module: &Module,
+    message: &Message,
+    outcome: Outcome,
+    max_record_size: u32,
+) -> Option<Staged> {
     let (produced, mut letters) = match outcome {
         Outcome::Refused(reason) => {
             let letter = DeadLetter::new(reason, &message.topic, None, message.payload.clone());
@@ -449,7 +552,7 @@ fn stage(module: &Module, message: &Message, outcome: Outcome) -> Option<Staged>
             &record.partition_key,
             record.explicit_hash_key.as_deref(),
             size,
-            module.config.max_record_size as usize,
+            max_record_size as usize,
         ) {
             Ok(()) => {
                 let mut spooled = SpoolRecord::new(

@@ -261,6 +261,8 @@ struct Answered {
 pub struct KinesisSink {
     api: Arc<dyn KinesisApi>,
     module: Arc<Module>,
+    /// The stream it writes to (a module given another one gets a new sink).
+    stream_name: String,
     config: KinesisConfig,
     /// What one request may hold, and how records are aggregated.
     pack: PackLimits,
@@ -297,11 +299,12 @@ impl KinesisSink {
         reader: SpoolReader,
         input: mpsc::UnboundedReceiver<Vec<SpoolRecord>>,
     ) -> Self {
-        let aggregation = match module.config.aggregation {
+        let settings = module.config();
+        let aggregation = match settings.aggregation {
             Aggregation::None => None,
             Aggregation::Kpl => Some(AggregateLimits {
-                max_bytes: module.config.aggregation_max_bytes as usize,
-                max_records: module.config.aggregation_max_records as usize,
+                max_bytes: settings.aggregation_max_bytes as usize,
+                max_records: settings.aggregation_max_records as usize,
             }),
         };
         let per_key = match (aggregation, config.ordering) {
@@ -314,6 +317,7 @@ impl KinesisSink {
         Self {
             api,
             module,
+            stream_name: settings.stream_name.clone(),
             config,
             pack: PackLimits {
                 request_bytes: stream.request_bytes(),
@@ -447,7 +451,8 @@ impl KinesisSink {
             self.module.log.write(
                 Level::Info,
                 format!(
-                    "stopping with {records} records in the spool; they are sent after the restart"
+                    "stopping with {records} records in the spool; the next sink sends them (after \
+                     the restart, or now if the module's destination changed)"
                 ),
             );
         }
@@ -539,7 +544,7 @@ impl KinesisSink {
             return;
         }
         self.shards_tried_at = Some(now);
-        let stream = &self.module.config.stream_name;
+        let stream = &self.stream_name;
         match self.api.open_shards(stream).await {
             Ok(map) => {
                 let changed = self
@@ -606,7 +611,7 @@ impl KinesisSink {
                 aggregate_of,
             });
         }
-        let request = self.api.put(&self.module.config.stream_name, request);
+        let request = self.api.put(&self.stream_name, request);
         self.in_flight_bytes += bytes;
         self.in_flight_records += records.len();
         self.last_start = Instant::now();
@@ -681,7 +686,7 @@ impl KinesisSink {
         entries: &[Sent],
         output: &PutRecordsOutput,
     ) -> Option<Duration> {
-        let stream = self.module.config.stream_name.clone();
+        let stream = self.stream_name.clone();
         let results = output.records();
         if results.len() != entries.len() {
             let error = PutError::Unreachable(format!(
@@ -915,7 +920,7 @@ impl KinesisSink {
             .backlog
             .settle(&records, Answer::Request(&error.failure()), now);
         self.module.metrics.put_failed(error.code(), 1);
-        let stream = &self.module.config.stream_name;
+        let stream = &self.stream_name;
         let log = &self.module.log;
         match &error {
             PutError::Throttled { .. } => {

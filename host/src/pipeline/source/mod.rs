@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use time::OffsetDateTime;
 
+use crate::module::Module;
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::Charge;
 pub use topic::{SUBSCRIPTIONS, Topic};
@@ -45,8 +46,8 @@ pub struct Properties {
 /// A dead letter sent through one module again.
 #[derive(Debug, Clone)]
 pub struct Replay {
-    /// Index of the module, in configuration order.
-    pub module: usize,
+    /// The module.
+    pub module: Arc<Module>,
     /// For a record Kinesis refused: its keys. The record is spooled as it is,
     /// without the guest. `None`: the payload goes through the guest.
     pub record: Option<ReplayRecord>,

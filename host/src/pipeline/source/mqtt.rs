@@ -26,9 +26,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::activity::Level;
 use crate::config::{Broker, MqttConfig};
-use crate::module::Module;
+use crate::module::ModuleSet;
 use crate::pipeline::ack::Settlement;
 use crate::pipeline::inflight::{Charge, InFlight};
+use crate::pipeline::route::Inbound;
 use crate::pipeline::source::{Message, Properties, SUBSCRIPTIONS, SourceStatus, Topic};
 use crate::tls::CertificateSummary;
 use crate::tls::client::{broker_config, explain};
@@ -42,7 +43,7 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(3);
 pub struct MqttSource {
     client: AsyncClient,
     eventloop: EventLoop,
-    modules: Arc<[Arc<Module>]>,
+    modules: Arc<ModuleSet>,
     status: Arc<SourceStatus>,
     filters: Vec<String>,
     inflight: Arc<InFlight>,
@@ -56,7 +57,7 @@ impl MqttSource {
     /// Prepares the connection (it is made when [`MqttSource::run`] starts).
     pub fn new(
         config: &MqttConfig,
-        modules: Arc<[Arc<Module>]>,
+        modules: Arc<ModuleSet>,
         status: Arc<SourceStatus>,
         inflight: Arc<InFlight>,
     ) -> Result<Self, String> {
@@ -166,7 +167,7 @@ impl MqttSource {
             Level::Warn => tracing::warn!("{message}"),
             Level::Info => tracing::info!("{message}"),
         }
-        for module in self.modules.iter() {
+        for module in self.modules.all().iter() {
             module.log.write_limited(key, level, message);
         }
     }
@@ -199,7 +200,7 @@ impl MqttSource {
     /// messages has been sent (or `disconnect` turns true), and disconnects.
     pub async fn run(
         mut self,
-        inbox: mpsc::Sender<Message>,
+        inbox: mpsc::Sender<Inbound>,
         mut intake: watch::Receiver<bool>,
         mut disconnect: watch::Receiver<bool>,
     ) {
@@ -258,7 +259,7 @@ impl MqttSource {
     async fn handle(
         &mut self,
         event: Event,
-        inbox: &mpsc::Sender<Message>,
+        inbox: &mpsc::Sender<Inbound>,
         ack_tx: &Arc<Acknowledger>,
     ) {
         match event {
@@ -317,7 +318,7 @@ impl MqttSource {
                             self.inflight.used(),
                             self.inflight.max()
                         );
-                        for module in self.modules.iter() {
+                        for module in self.modules.all().iter() {
                             module
                                 .log
                                 .write_limited("inflight-full", Level::Warn, &message);
@@ -327,7 +328,7 @@ impl MqttSource {
                     }
                 };
                 let message = message(publish, ack_tx, charge);
-                if inbox.send(message).await.is_err() {
+                if inbox.send(Inbound::Message(message)).await.is_err() {
                     tracing::warn!("router stopped; message left unacknowledged");
                 }
             }
@@ -343,7 +344,7 @@ impl MqttSource {
     }
 
     fn log_all(&self, level: Level, message: &str) {
-        for module in self.modules.iter() {
+        for module in self.modules.all().iter() {
             module.log.write(level, message);
         }
     }
