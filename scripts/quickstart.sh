@@ -4,14 +4,28 @@
 # It creates the 2-shard stream "ksm-quickstart", starts `ksm run` with a config like
 # examples/quickstart.toml, publishes a device event, a home event, a bulk-data payload and
 # a malformed event, prints the records that landed in the stream, the module's log and the
-# dead letter, then stops everything.
+# dead letter. Run from a terminal, it then keeps everything running, with a device
+# publishing an event a second, for the console (the admin URL and token it prints) until
+# Ctrl-C; otherwise (or with --no-console) it stops everything.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 STREAM="ksm-quickstart"
+# A second stream, for a module made in the console.
+SECOND_STREAM="ksm-quickstart-2"
 MODULE="sensor-stream"
+STAY=0
+if [ -t 0 ] && [ -t 1 ]; then
+    STAY=1
+fi
+for arg in "$@"; do
+    case "$arg" in
+        --no-console) STAY=0 ;;
+        *) printf 'usage: %s [--no-console]\n' "$0" >&2; exit 2 ;;
+    esac
+done
 ADMIN="127.0.0.1:8686"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 # The host is built in the dev profile, as the tests build it: the heavy dependencies
@@ -123,8 +137,14 @@ python3 tests/emulators/moto_server.py -H 127.0.0.1 -p "$MOTO_PORT" >"$WORK/moto
 PIDS+=("$!")
 wait_for "moto" "$!" "$WORK/moto.log" curl -sf "$MOTO/moto-api/"
 
-say "create the stream $STREAM (2 shards)"
+say "create the streams $STREAM (2 shards) and $SECOND_STREAM (1 shard)"
 "${TOOL[@]}" --endpoint "$MOTO" create-stream "$STREAM" --shards 2
+"${TOOL[@]}" --endpoint "$MOTO" create-stream "$SECOND_STREAM" --shards 1
+
+# The admin API and the console ask for this token (the CLI reads it from the environment).
+KSM_ADMIN_TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+export KSM_ADMIN_TOKEN
+api() { curl -s -H "Authorization: Bearer $KSM_ADMIN_TOKEN" "http://$ADMIN$1"; }
 
 CONFIG="$WORK/ksm.toml"
 say "write $CONFIG"
@@ -167,7 +187,7 @@ env AWS_ENDPOINT_URL="$MOTO" \
 KSM_PID="$!"
 PIDS+=("$KSM_PID")
 wait_for "ksm to connect and subscribe" "$KSM_PID" "$WORK/ksm.log" curl -sf "http://$ADMIN/api/health"
-curl -s "http://$ADMIN/api/modules" | pretty
+api /api/modules | pretty
 
 say "publish a device event, a home event and a bulk-data payload (MQTT 5, QoS 1)"
 pub() { mosquitto_pub -V mqttv5 -q 1 -h 127.0.0.1 -p "$MQTT_PORT" -i "ksm-quickstart-pub" "$@"; }
@@ -189,9 +209,33 @@ if ! "${TOOL[@]}" --endpoint "$MOTO" read "$STREAM" --wait-for 5 --timeout 30; t
 fi
 
 say "the module's log (GET /api/modules/$MODULE/logs)"
-curl -s "http://$ADMIN/api/modules/$MODULE/logs" | pretty
+api "/api/modules/$MODULE/logs" | pretty
 
 say "the malformed event, kept as a dead letter (ksm dead-letters list $MODULE)"
 "$KSM" dead-letters list "$MODULE" --config "$CONFIG"
+
+if [ "$STAY" -eq 1 ]; then
+    # A device publishing an event a second, so that there is something to watch.
+    (
+        n=0
+        while sleep 1; do
+            n=$((n + 1))
+            pub -t /devices/1001/event \
+                -m "{\"eventType\":\"temperature\",\"eventData\":{\"celsius\":21.$((n % 10)),\"n\":$n}}" \
+                >/dev/null 2>&1 || true
+        done
+    ) &
+    PIDS+=("$!")
+    say "ksm keeps running, with device 1001 publishing an event a second"
+    cat <<TEXT
+  console:  http://$ADMIN/
+  token:    $KSM_ADMIN_TOKEN
+  streams:  $STREAM (module $MODULE), $SECOND_STREAM (free: add a module for it with "+ New")
+  config:   $CONFIG (changes made in the console are written here)
+  read:     python3 scripts/kinesis_tool.py --endpoint $MOTO read $SECOND_STREAM
+Press Ctrl-C to stop ksm, moto and Mosquitto.
+TEXT
+    wait "$KSM_PID" || true
+fi
 
 say "done: stopping ksm, moto and Mosquitto"

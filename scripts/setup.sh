@@ -9,7 +9,9 @@
 #     MaxRecordSizeInKiB, which tests/emulators/moto_server.py adds to moto),
 #   - aws-kinesis-agg 1.2.3 with protobuf (pip), the KPL reference de-aggregator that
 #     tests/emulators/deaggregate.py reads streams with,
-#   - kinesalite 3.3.3 in tests/emulators (npm ci, from package-lock.json).
+#   - kinesalite 3.3.3 in tests/emulators (npm ci, from package-lock.json),
+#   - Debian's Chromium (apt, only if missing) and playwright-core 1.64.1 in tests/browser
+#     (npm ci), which drive the console in its browser test.
 # Run as root, or as a user with sudo.
 set -euo pipefail
 
@@ -183,19 +185,31 @@ else
         || die "aws-kinesis-agg $KINESIS_AGG_VERSION is still not importable by python3 after pip install"
 fi
 
-# --- kinesalite (second Kinesis emulator) ------------------------------------------------
+# --- npm packages: kinesalite (second Kinesis emulator), playwright-core (browser test) ---
 
-emulators="$ROOT/tests/emulators"
-stamp="$emulators/node_modules/.ksm-package-lock.sha256"
-lock_sum="$(sha256sum "$emulators/package-lock.json" | cut -d' ' -f1)"
-if [ -f "$emulators/node_modules/kinesalite/cli.js" ] && [ -f "$stamp" ] \
-    && [ "$(cat "$stamp")" = "$lock_sum" ]; then
-    say "kinesalite: installed (tests/emulators/node_modules is current)"
+# npm ci in tests/$1 unless its node_modules matches its package-lock.json and holds $2.
+# --ignore-scripts: kinesalite runs in memory, so leveldown's native build is not needed, and
+# playwright-core drives the Chromium installed below rather than downloading a browser.
+npm_ci() {
+    local dir="$ROOT/tests/$1"
+    local stamp="$dir/node_modules/.ksm-package-lock.sha256"
+    local lock_sum
+    lock_sum="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+    if [ -f "$dir/node_modules/$2" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$lock_sum" ]; then
+        say "tests/$1: installed (node_modules is current)"
+    else
+        say "npm ci in tests/$1"
+        (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+        printf '%s\n' "$lock_sum" >"$stamp"
+    fi
+}
+npm_ci emulators kinesalite/cli.js
+npm_ci browser playwright-core/package.json
+
+if [ -x /usr/bin/chromium ]; then
+    say "chromium: installed ($(dpkg-query -W -f='${Version}' chromium 2>/dev/null || echo unknown))"
 else
-    say "npm ci in tests/emulators"
-    # --ignore-scripts: kinesalite runs in memory, so leveldown's native build is not needed.
-    (cd "$emulators" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
-    printf '%s\n' "$lock_sum" >"$stamp"
+    apt_install chromium
 fi
 
 say "done"

@@ -9,6 +9,7 @@
 //! - `events`, `bulk_data`: MODE events and bulk data end to end, dead letters, logs.
 //! - `aggregation`: KPL aggregation against moto and kinesalite, read back by the
 //!   reference de-aggregator; large records where the stream allows them.
+//! - `console`: the console in headless Chromium (`tests/browser/console.mjs`).
 //! - `contracts`: 1.0 and 1.1 guests side by side; batches, a failed batch, MQTT details.
 //! - `credentials`: role assumption with an external ID.
 //! - `faults`: the delivery guarantees under faults (kill -9, Kinesis outage,
@@ -36,6 +37,7 @@
 mod admin_access;
 mod aggregation;
 mod bulk_data;
+mod console;
 mod contracts;
 mod credentials;
 mod dead_letters;
