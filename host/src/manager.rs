@@ -590,8 +590,11 @@ fn differences(old: &ModuleConfig, new: &ModuleConfig) -> String {
         _ => serde_json::Map::new(),
     };
     let (old, new) = (as_map(old), as_map(new));
-    let changes: Vec<String> = new
-        .iter()
+    // By name: the map's own order depends on serde_json's features.
+    let mut fields: Vec<(&String, &serde_json::Value)> = new.iter().collect();
+    fields.sort_by_key(|(key, _)| *key);
+    let changes: Vec<String> = fields
+        .into_iter()
         .filter(|(key, value)| old.get(*key) != Some(*value))
         .map(|(key, value)| {
             let before = old.get(key).cloned().unwrap_or(serde_json::Value::Null);
