@@ -117,6 +117,23 @@ try {
   await shot(page, 'modules');
   say('signed in');
 
+  // The keyboard reaches "+ New" from the top of the page, and Enter opens the form.
+  await page.locator('body').focus();
+  let reached = false;
+  for (let tab = 0; tab < 20 && !reached; tab += 1) {
+    await page.keyboard.press('Tab');
+    reached = await page.evaluate(() => document.activeElement && document.activeElement.id === 'new-module');
+  }
+  if (!reached) throw new Error('Tab does not reach "+ New"');
+  await page.keyboard.press('Enter');
+  await page.locator('#module-form').waitFor({ timeout: WAIT });
+  const labelled = await page.locator('#module-form input').evaluateAll((inputs) =>
+    inputs.every((input) => input.labels && input.labels.length > 0));
+  if (!labelled) throw new Error('an input of the form has no label');
+  await page.goto(`${url}#/`);
+  await page.locator(`tr[data-module="${first}"]`).waitFor({ timeout: WAIT });
+  say('the keyboard reaches the form, and every input has a label');
+
   // A new module through the form: a bad stream name is shown at its field, then fixed.
   await page.click('#new-module');
   await page.locator('#module-form').waitFor({ timeout: WAIT });

@@ -318,27 +318,33 @@ async fn a_deleted_module_takes_no_more_messages_sends_its_spool_and_then_goes()
             module("leaving", &leaving_stream, "subscribe_events = [\"*\"]"),
         ],
     );
-    // Kinesis is out: the records wait in the spools.
+    // Kinesis is out and devices go on publishing: the records wait in the spools.
     proxy.set_down(true);
-    let early: Vec<(String, String)> = (0..40).map(event).collect();
-    publish_all(&bench.broker.url(), &early).await;
-    host.wait_for_counters("leaving", |c| c["spool_records"] == 40);
-
+    let load = Load::start(&bench.broker.url());
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let (status, answer) = send(&host, "DELETE", "/api/modules/leaving", &json!({}));
     assert_eq!(status, 202, "{answer}");
     assert_eq!(answer["state"], "draining");
-    assert_eq!(answer["spool_records"], 40);
+    let spooled = answer["spool_records"]
+        .as_u64()
+        .expect("its spool's records");
     assert_eq!(
         summary(&host, "leaving").expect("listed while draining")["status"],
         "draining"
     );
-    let late: Vec<(String, String)> = (40..60).map(event).collect();
-    publish_all(&bench.broker.url(), &late).await;
-    host.wait_for_counters("keeper", |c| c["received"] == 60);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = load.stop().await;
+    host.wait_for_counters("keeper", |c| c["received"] == total);
+    let received = host.counters("leaving")["received"]
+        .as_u64()
+        .expect("a count");
     assert_eq!(
-        host.counters("leaving")["received"],
-        40,
-        "no message after the delete"
+        received, spooled,
+        "what it took before the delete is all in its spool, and it took nothing after"
+    );
+    assert!(
+        spooled > 0 && received + CHUNK < total,
+        "load before and after the delete: {received} of {total}"
     );
     let (status, answer) = send(
         &host,
@@ -370,16 +376,22 @@ async fn a_deleted_module_takes_no_more_messages_sends_its_spool_and_then_goes()
         "gone once its spool is sent"
     );
     let sent = numbers(
-        &wait_for_records(&bench.kinesis, &leaving_stream, 40, RECORD_WAIT).await,
+        &wait_for_records(
+            &bench.kinesis,
+            &leaving_stream,
+            received as usize,
+            RECORD_WAIT,
+        )
+        .await,
         "the deleted module's stream",
     );
     assert_eq!(
         sent,
-        (0..40).collect(),
+        (0..received).collect(),
         "its spool was sent, and nothing after"
     );
-    let kept = numbers(&bench.records(60).await, "the keeper's stream");
-    assert_eq!(kept, (0..60).collect());
+    let kept = numbers(&bench.records(total as usize).await, "the keeper's stream");
+    assert_eq!(kept, (0..total).collect());
     let file = std::fs::read_to_string(host.config_path()).expect("the config");
     assert!(!file.contains("id = \"leaving\""), "{file}");
     assert!(file.contains("id = \"keeper\""), "{file}");
