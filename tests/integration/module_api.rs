@@ -510,4 +510,49 @@ async fn bad_changes_are_refused_with_the_problems_ksm_validate_reports_and_chan
         .map(|m| m["id"].clone())
         .collect();
     assert_eq!(ids, [json!("first")]);
+
+    // The same module, accepted, on a component of its own: swapped in, and kept.
+    let own = json!({
+        "id": "first",
+        "subscribe_events": ["status"],
+        "region": "us-east-1",
+        "stream_name": bench.stream,
+        "component": ksm_tests::low_battery_guest_wasm(),
+    });
+    let before = summary(&host, "first").expect("first")["component"]["sha256"].clone();
+    let (status, answer) = send(&host, "PUT", "/api/modules/first", &own);
+    assert_eq!(status, 200, "{answer}");
+    let running = &answer["component"];
+    assert_ne!(running["sha256"], before, "{answer}");
+    assert!(
+        running["path"]
+            .as_str()
+            .is_some_and(|path| path.ends_with("ksm_example_low_battery.wasm")),
+        "{answer}"
+    );
+    let file = std::fs::read_to_string(host.config_path()).expect("the config");
+    assert!(file.contains("ksm_example_low_battery.wasm"), "{file}");
+    let log = log_messages(&host, "first");
+    assert!(log.contains("component: null → "), "{log}");
+    // The next messages go to it: its own record shape, low batteries only.
+    publish_all(
+        &bench.broker.url(),
+        &[
+            (
+                "/devices/1001/event",
+                r#"{"eventType":"status","eventData":{"battery":80}}"#,
+            ),
+            (
+                "/devices/1001/event",
+                r#"{"eventType":"status","eventData":{"battery":12}}"#,
+            ),
+        ],
+    )
+    .await;
+    wait_until_sent(&host, "first", 2);
+    let records = bench.records(1).await;
+    assert_eq!(records.len(), 1, "only the low battery");
+    let record: Value = serde_json::from_slice(&records[0].data).expect("JSON");
+    assert_eq!(record["battery"], 12.0, "{record}");
+    assert_eq!(record["deviceId"], 1001, "{record}");
 }
