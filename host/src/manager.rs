@@ -29,7 +29,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, WeakSender};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::activity::Level;
+use crate::activity::{Counters, Level};
 use crate::components::Components;
 use crate::config::file::{self, Edit};
 use crate::config::{Config, KinesisConfig, ModuleConfig, Problem};
@@ -39,7 +39,7 @@ use crate::pipeline::commit::CommitTarget;
 use crate::pipeline::route::{Change, Inbound, Route};
 use crate::pipeline::sink::kinesis::{self, KinesisSink};
 use crate::pipeline::sink::stream::module_stream_limits;
-use crate::store::spool::{SpoolReader, SpoolRecord};
+use crate::store::spool::{SpoolReader, SpoolRecord, move_to_dead_letters};
 use crate::store::{Store, StoreError};
 
 /// Most memory one module's sink holds records in; the rest of its
@@ -82,6 +82,19 @@ pub struct Deletion {
     pub state: String,
     /// Records in its spool when it was deleted.
     pub spool_records: u64,
+    /// Of those, how many were kept as its dead letters (`?spool=dead-letters`).
+    #[serde(default)]
+    pub kept_as_dead_letters: u64,
+}
+
+/// What a deletion does with the records left in the module's spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpoolOnDelete {
+    /// Sends them, then the module goes.
+    #[default]
+    Send,
+    /// Keeps them as the module's dead letters, and the module goes now.
+    DeadLetters,
 }
 
 /// A module's running sink.
@@ -315,38 +328,44 @@ impl ModuleManager {
     }
 
     /// Deletes a module: it takes no more messages at once, and goes once
-    /// its spool is sent.
-    pub async fn delete(self: &Arc<Self>, id: &str, who: &str) -> Result<Deletion, ChangeError> {
+    /// its spool is sent; or, with [`SpoolOnDelete::DeadLetters`] (also for
+    /// a module already draining), at once, what is left in its spool kept
+    /// as its dead letters.
+    pub async fn delete(
+        self: &Arc<Self>,
+        id: &str,
+        spool: SpoolOnDelete,
+        who: &str,
+    ) -> Result<Deletion, ChangeError> {
         let running = self.config.lock().await;
-        let module = self.running(id)?;
-        let mut candidate = running.clone();
-        candidate.modules.retain(|m| m.id != id);
-        let problems = candidate.validate();
-        if let Some(problem) = problems.iter().find(|p| p.field == "modules") {
-            return Err(ChangeError::Conflict(format!(
-                "module `{id}` is the only one: {}; add another module first, or stop ksm",
-                problem.message
-            )));
+        let module = self
+            .modules
+            .get(id)
+            .ok_or_else(|| ChangeError::NotFound(id.to_owned()))?;
+        let spool_records = if module.is_draining() {
+            if spool == SpoolOnDelete::Send {
+                return Err(ChangeError::Conflict(format!(
+                    "module `{id}` is being deleted and still sends its spool; to stop waiting, \
+                     delete it with ?spool=dead-letters"
+                )));
+            }
+            module.spool.len().0
+        } else {
+            self.stop_routing(&module, &running).await?;
+            let (records, bytes) = module.spool.len();
+            module.log.write(
+                Level::Info,
+                format!(
+                    "deleted by {who}: takes no more messages; it goes once the {records} records \
+                     ({bytes} bytes) in its spool are sent"
+                ),
+            );
+            records
+        };
+        let mut kept_as_dead_letters = 0;
+        if spool == SpoolOnDelete::DeadLetters {
+            kept_as_dead_letters = self.spool_to_dead_letters(&module, who).await?;
         }
-        module.start_draining();
-        let (done, applied) = oneshot::channel();
-        self.send(
-            Change::Remove {
-                module: module.clone(),
-                done,
-            },
-            applied,
-        )
-        .await?;
-        self.components.detach(&module);
-        let (spool_records, spool_bytes) = module.spool.len();
-        module.log.write(
-            Level::Info,
-            format!(
-                "deleted by {who}: takes no more messages; it goes once the {spool_records} records \
-                 ({spool_bytes} bytes) in its spool are sent"
-            ),
-        );
         drop(running);
         let ended = self.ended(&module);
         let finishing = self.clone();
@@ -359,7 +378,86 @@ impl ModuleManager {
             id: id.to_owned(),
             state: if gone { "deleted" } else { "draining" }.to_owned(),
             spool_records,
+            kept_as_dead_letters,
         })
+    }
+
+    /// Takes a module out of the router and the committer, unless it is
+    /// the last one.
+    async fn stop_routing(
+        &self,
+        module: &Arc<Module>,
+        running: &Config,
+    ) -> Result<(), ChangeError> {
+        let mut candidate = running.clone();
+        candidate.modules.retain(|m| m.id != module.id);
+        if let Some(problem) = candidate
+            .validate()
+            .into_iter()
+            .find(|p| p.field == "modules")
+        {
+            return Err(ChangeError::Conflict(format!(
+                "module `{}` is the only one: {}; add another module first, or stop ksm",
+                module.id, problem.message
+            )));
+        }
+        module.start_draining();
+        let (done, applied) = oneshot::channel();
+        self.send(
+            Change::Remove {
+                module: module.clone(),
+                done,
+            },
+            applied,
+        )
+        .await?;
+        self.components.detach(module);
+        Ok(())
+    }
+
+    /// Stops a deleted module's sink and moves what is left in its spool
+    /// to its dead letters; how many moved.
+    async fn spool_to_dead_letters(
+        &self,
+        module: &Arc<Module>,
+        who: &str,
+    ) -> Result<u64, ChangeError> {
+        let sink = {
+            let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+            let position = sinks
+                .iter()
+                .position(|sink| Arc::ptr_eq(&sink.module, module));
+            position.map(|position| sinks.remove(position))
+        };
+        if let Some(sink) = sink {
+            let _ = sink.stop.send(true);
+            let _ = sink.task.await;
+        }
+        let moving = module.clone();
+        let reason = format!(
+            "the module was deleted by {who} before Kinesis took this record; it is kept here: \
+             add a module `{}` again (to a stream that takes it) and replay it",
+            module.id
+        );
+        let moved = blocking(move || {
+            move_to_dead_letters(
+                &moving.spool,
+                &moving.dead_letters,
+                &reason,
+                SINK_WINDOW_BYTES,
+            )
+        })
+        .await??;
+        Counters::add(&module.counters.dead_lettered, moved);
+        module.log.write(
+            Level::Warn,
+            format!(
+                "deleted by {who} without waiting for its spool: its {moved} records are kept as \
+                 dead letters of `{}` (add the module again to replay them)",
+                module.id
+            ),
+        );
+        Ok(moved)
     }
 
     /// Waits until a deleted module's sink ends, then takes the module out
@@ -378,6 +476,14 @@ impl ModuleManager {
             return false;
         }
         let mut running = self.config.lock().await;
+        if !self
+            .modules
+            .get(&module.id)
+            .is_some_and(|m| Arc::ptr_eq(&m, &module))
+        {
+            // Finished already (a deletion that kept its spool as dead letters).
+            return true;
+        }
         if let Err(error) = persist(&running, Edit::Remove(&module.id)).await {
             module.log.write(
                 Level::Error,

@@ -556,3 +556,71 @@ async fn bad_changes_are_refused_with_the_problems_ksm_validate_reports_and_chan
     assert_eq!(record["battery"], 12.0, "{record}");
     assert_eq!(record["deviceId"], 1001, "{record}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_whose_stream_never_takes_its_spool_goes_with_it_kept_as_dead_letters_to_replay() {
+    let bench = Bench::new("api-stranded", 1).await;
+    let missing = unique_stream_name("api-stranded-missing");
+    let host = bench.ksm(
+        "ksm-api-stranded",
+        &[
+            module("keeper", &bench.stream, "subscribe_events = [\"*\"]"),
+            module("stranded", &missing, "subscribe_events = [\"*\"]"),
+        ],
+    );
+    let messages: Vec<(String, String)> = (0..10).map(event).collect();
+    publish_all(&bench.broker.url(), &messages).await;
+    host.wait_for_counters("stranded", |c| c["spool_records"] == 10);
+
+    // Its stream does not exist: deleted, it would drain for ever.
+    let (status, answer) = send(&host, "DELETE", "/api/modules/stranded", &json!({}));
+    assert_eq!(status, 202, "{answer}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        summary(&host, "stranded").expect("still draining")["status"],
+        "draining"
+    );
+    let (status, answer) = send(&host, "DELETE", "/api/modules/stranded", &json!({}));
+    assert_eq!(status, 409, "{answer}");
+    let (status, answer) = send(
+        &host,
+        "DELETE",
+        "/api/modules/stranded?spool=dead-letters",
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["state"], "deleted");
+    assert_eq!(answer["kept_as_dead_letters"], 10, "{answer}");
+    assert!(summary(&host, "stranded").is_none());
+    let file = std::fs::read_to_string(host.config_path()).expect("the config");
+    assert!(!file.contains("id = \"stranded\""), "{file}");
+
+    // Back, to a stream that exists: its dead letters wait for it, and replay.
+    let fixed = unique_stream_name("api-stranded-fixed");
+    create_stream(&bench.kinesis, &fixed, 1).await;
+    let (status, answer) = send(
+        &host,
+        "POST",
+        "/api/modules",
+        &settings("stranded", &fixed, &["*"]),
+    );
+    assert_eq!(status, 201, "{answer}");
+    let letters = host.all_dead_letters("stranded");
+    assert_eq!(letters.len(), 10, "{letters:?}");
+    assert!(
+        letters[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("was deleted by the admin API")),
+        "{}",
+        letters[0]
+    );
+    let (status, body) = host.post("/api/modules/stranded/dead-letters/replay");
+    assert_eq!(status, 202, "{body}");
+    let landed = numbers(
+        &wait_for_records(&bench.kinesis, &fixed, 10, RECORD_WAIT).await,
+        "the fixed stream",
+    );
+    assert_eq!(landed, (0..10).collect());
+    let kept = numbers(&bench.records(10).await, "the keeper's stream");
+    assert_eq!(kept, (0..10).collect());
+}

@@ -9,6 +9,10 @@
 //! - `DELETE /api/modules/{id}`: 200 with `state: "deleted"` once it is
 //!   gone, or 202 with `state: "draining"` while its spool is still sent
 //!   (it is listed meanwhile with status `draining`); 409 for the last one.
+//!   With `?spool=dead-letters` (also for a module already draining, whose
+//!   stream may never take its records): it goes at once, what is left in
+//!   its spool kept as its dead letters (`kept_as_dead_letters`), for a
+//!   module of the same ID to replay.
 //! - A change with problems is refused with 422 and
 //!   `{"problems": [{"field": "stream_name", "message": "..."}]}`: the
 //!   problems `ksm validate` reports for the configuration with the change
@@ -19,7 +23,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -28,7 +32,7 @@ use super::serve::Peer;
 use super::{ApiError, AppState, find};
 use crate::activity::CounterSnapshot;
 use crate::config::{ModuleConfig, Problem, field_path};
-use crate::manager::ChangeError;
+use crate::manager::{ChangeError, SpoolOnDelete};
 use crate::module::{ComponentInfo, Module};
 
 /// A module as `GET /api/modules` shows it.
@@ -144,12 +148,30 @@ pub(super) async fn update(
     }
 }
 
+/// `DELETE /api/modules/{id}?spool=send|dead-letters`.
+#[derive(Debug, Deserialize)]
+pub(super) struct DeleteQuery {
+    spool: Option<String>,
+}
+
 pub(super) async fn delete(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Path(id): Path<String>,
+    Query(query): Query<DeleteQuery>,
 ) -> Response {
-    match state.manager.delete(&id, &peer.who()).await {
+    let spool = match query.spool.as_deref() {
+        None | Some("send") => SpoolOnDelete::Send,
+        Some("dead-letters") => SpoolOnDelete::DeadLetters,
+        Some(other) => {
+            return ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("spool={other}: use spool=send (the default) or spool=dead-letters"),
+            )
+            .into_response();
+        }
+    };
+    match state.manager.delete(&id, spool, &peer.who()).await {
         Ok(deletion) => {
             let status = if deletion.state == "deleted" {
                 StatusCode::OK

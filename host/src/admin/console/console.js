@@ -504,29 +504,38 @@ async function pageForm(p, id) {
 
   if (editing) {
     const del = h('button', { type: 'button', id: 'delete-module', class: 'danger' }, 'Delete module');
+    const keep = h('button', { type: 'button', id: 'delete-module-keep', class: 'danger secondary' },
+      'Delete now, keeping its spool as dead letters');
     main.append(h('section', { class: 'danger-zone', 'aria-labelledby': 'delete-heading' },
       h('h2', { id: 'delete-heading' }, 'Delete'),
-      h('p', {}, 'Records still in its spool are sent to Kinesis first; then the module goes.'), del));
-    del.addEventListener('click', async () => {
-      if (!window.confirm('Delete module ' + id + '? Records still in its spool are sent first, then it goes.')) return;
-      del.disabled = true;
+      h('p', {}, 'Records still in its spool are sent to Kinesis first; then the module goes.'), del,
+      h('p', {}, 'If its stream cannot take them (it is gone, or refuses them), delete it at once ' +
+        'instead: they are kept as the dead letters of ' + id + ', for a module of that ID to replay.'), keep));
+    const remove = async (button, query, question) => {
+      if (!window.confirm(question)) return;
+      button.disabled = true;
       try {
-        const r = await api('DELETE', '/api/modules/' + enc(id));
+        const r = await api('DELETE', '/api/modules/' + enc(id) + query);
         if (!p.alive) return;
         if (r.ok && r.data) {
           const d = r.data;
           flash(d.state === 'draining'
             ? 'Module ' + d.id + ' is draining ' + fmtNum(d.spool_records) + ' records, then it goes'
-            : 'Module ' + d.id + ' deleted', '#/');
+            : 'Module ' + d.id + ' deleted' + (d.kept_as_dead_letters
+              ? ', ' + fmtNum(d.kept_as_dead_letters) + ' records kept as dead letters' : ''), '#/');
           return;
         }
         showAlert(err, httpError(r));
       } catch (e) {
         if (p.alive && !(e instanceof AuthLost)) showAlert(err, e);
       } finally {
-        del.disabled = false;
+        button.disabled = false;
       }
-    });
+    };
+    del.addEventListener('click', () => remove(del, '',
+      'Delete module ' + id + '? Records still in its spool are sent first, then it goes.'));
+    keep.addEventListener('click', () => remove(keep, '?spool=dead-letters',
+      'Delete module ' + id + ' now? Records still in its spool are not sent: they are kept as its dead letters.'));
   }
 }
 

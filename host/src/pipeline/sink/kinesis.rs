@@ -987,15 +987,7 @@ impl KinesisSink {
     fn dead_letter(&mut self, records: &[SpoolRecord], reason: &str) -> bool {
         let letters: Vec<DeadLetter> = records
             .iter()
-            .map(|record| {
-                DeadLetter::for_record(
-                    reason,
-                    &record.topic,
-                    &record.partition_key,
-                    record.explicit_hash_key.as_deref(),
-                    record.data.clone(),
-                )
-            })
+            .map(|record| record.dead_letter(reason))
             .collect();
         self.module.log_refused(&letters);
         let count = letters.len() as u64;

@@ -27,9 +27,10 @@ use bytes::Bytes;
 use fjall::Keyspace;
 
 use group::IndexEntry;
-pub use reader::SpoolReader;
+pub use reader::{SpoolReader, move_to_dead_letters};
 
 use crate::kinesis;
+use crate::store::dead_letter::DeadLetter;
 use crate::store::{self, Store, StoreError};
 
 /// How often a committer waiting for room checks whether ksm is stopping.
@@ -78,6 +79,17 @@ impl SpoolRecord {
             data,
             received_ms: 0,
         }
+    }
+
+    /// The record as a dead letter, for `reason`.
+    pub fn dead_letter(&self, reason: &str) -> DeadLetter {
+        DeadLetter::for_record(
+            reason,
+            &self.topic,
+            &self.partition_key,
+            self.explicit_hash_key.as_deref(),
+            self.data.clone(),
+        )
     }
 }
 

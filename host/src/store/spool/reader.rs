@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use super::group::{self, IndexEntry};
 use super::{ModuleSpool, SpoolRecord};
-use crate::store::dead_letter::StagedFiles;
+use crate::store::dead_letter::{DeadLetterStore, StagedFiles};
 use crate::store::{self, StoreError};
 
 /// What a record costs in memory beside its data: its fields, its place in
@@ -199,6 +199,31 @@ impl SpoolReader {
         self.memory = self.memory.saturating_sub(freed);
         spool.removed(count, bytes);
         Ok(())
+    }
+}
+
+/// Moves every record left in `spool` to `letters` with `reason`, at most
+/// `window` bytes of them at a time, each time in one atomic write; for a
+/// module deleted with a spool that cannot be sent. Returns how many moved.
+/// Nothing else may read the spool meanwhile.
+pub fn move_to_dead_letters(
+    spool: &ModuleSpool,
+    letters: &DeadLetterStore,
+    reason: &str,
+    window: usize,
+) -> Result<u64, StoreError> {
+    let mut reader = SpoolReader::new(spool, window)?;
+    let mut moved = 0;
+    loop {
+        let mut records = Vec::new();
+        reader.refill(spool, |record| records.push(record))?;
+        if records.is_empty() {
+            return Ok(moved);
+        }
+        let dead = records.iter().map(|r| r.dead_letter(reason)).collect();
+        let removed: Vec<(u64, usize)> = records.iter().map(|r| (r.seq, r.size)).collect();
+        reader.settle_with(spool, &removed, |batch| letters.stage(batch, dead))?;
+        moved += records.len() as u64;
     }
 }
 
