@@ -422,17 +422,7 @@ impl ModuleManager {
         module: &Arc<Module>,
         who: &str,
     ) -> Result<u64, ChangeError> {
-        let sink = {
-            let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
-            let position = sinks
-                .iter()
-                .position(|sink| Arc::ptr_eq(&sink.module, module));
-            position.map(|position| sinks.remove(position))
-        };
-        if let Some(sink) = sink {
-            let _ = sink.stop.send(true);
-            let _ = sink.task.await;
-        }
+        self.stop_sink(module).await;
         let moving = module.clone();
         let reason = format!(
             "the module was deleted by {who} before Kinesis took this record; it is kept here: \
@@ -571,6 +561,22 @@ impl ModuleManager {
         Ok(())
     }
 
+    /// Stops a module's sink (what it has not sent stays in the spool) and
+    /// waits until it has stopped.
+    async fn stop_sink(&self, module: &Arc<Module>) {
+        let sink = {
+            let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
+            let position = sinks
+                .iter()
+                .position(|sink| Arc::ptr_eq(&sink.module, module));
+            position.map(|position| sinks.remove(position))
+        };
+        if let Some(sink) = sink {
+            let _ = sink.stop.send(true);
+            let _ = sink.task.await;
+        }
+    }
+
     /// Tells when a module's sink ends.
     fn ended(&self, module: &Arc<Module>) -> Option<watch::Receiver<bool>> {
         let sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
@@ -589,17 +595,7 @@ impl ModuleManager {
         client: aws_sdk_kinesis::Client,
         stream: StreamLimits,
     ) -> Result<(), ChangeError> {
-        let old = {
-            let mut sinks = self.sinks.lock().unwrap_or_else(|e| e.into_inner());
-            let position = sinks
-                .iter()
-                .position(|sink| Arc::ptr_eq(&sink.module, module));
-            position.map(|position| sinks.remove(position))
-        };
-        if let Some(old) = old {
-            let _ = old.stop.send(true);
-            let _ = old.task.await;
-        }
+        self.stop_sink(module).await;
         let (sink, input) = mpsc::unbounded_channel();
         let (done, applied) = oneshot::channel();
         self.send(
